@@ -1,0 +1,99 @@
+"""qjax checkpoints: an orbax checkpoint of the (possibly quantized) parameter pytree plus JSON metadata.
+
+Layout of a checkpoint folder::
+
+    config.json         the source model's HF config (architecture)
+    qjax.json           format version, compute dtype, method and its config, the static fields of every QArray
+    params/             orbax StandardCheckpointer of the tree, each QArray stored as {codes, scale[, zero][, perm]}
+    tokenizer files     copied from the source model folder
+
+Saving is atomic: everything is written into a temporary sibling folder that is renamed into place at the end,
+so an interrupted save leaves no partial checkpoint (and the source model folder is only read).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from qjax import tree
+from qjax.errors import InputError
+from qjax.qarray import QArray
+
+FORMAT = "qjax-checkpoint-v1"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+_QFIELDS = ("codes", "scale", "zero", "perm")
+_QSTATIC = ("shape", "bits", "group_size", "sym", "word_bits", "dtype")
+
+
+def check_destination(dest, overwrite: bool) -> Path:
+  """Validates an output path up front (before any long work)."""
+  dest = Path(dest)
+  if dest.exists() and not overwrite:
+    raise InputError(f"output path {dest} already exists (pass --overwrite to replace it)")
+  if not dest.resolve().parent.is_dir():
+    raise InputError(f"parent folder of {dest} does not exist")
+  return dest
+
+
+def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool = False) -> Path:
+  """Writes ``params`` (with QArrays) and metadata to ``dest`` atomically. Returns ``dest``."""
+  dest = check_destination(dest, overwrite).resolve()
+  source_dir = Path(source_dir)
+  flat, qmeta = {}, {}
+  for path, leaf in tree.flatten(params).items():
+    if isinstance(leaf, QArray):
+      qmeta[path] = {k: getattr(leaf, k) for k in _QSTATIC}
+      flat.update({f"{path}/{k}": getattr(leaf, k) for k in _QFIELDS if getattr(leaf, k) is not None})
+    else:
+      flat[path] = leaf
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+  try:
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp / "params", tree.unflatten(flat))
+    ckpt.wait_until_finished()
+    shutil.copy2(source_dir / "config.json", tmp / "config.json")
+    for name in TOKENIZER_FILES:
+      if (source_dir / name).is_file():
+        shutil.copy2(source_dir / name, tmp / name)
+    meta = {"format": FORMAT, "dtype": dtype, "method": method, "qarrays": qmeta}
+    (tmp / "qjax.json").write_text(json.dumps(meta, indent=1))
+    if dest.exists():
+      shutil.rmtree(dest)
+    os.rename(tmp, dest)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return dest
+
+
+def read_meta(path) -> dict:
+  path = Path(path)
+  meta = path / "qjax.json"
+  if not path.is_dir():
+    raise InputError(f"checkpoint path {path} does not exist or is not a directory")
+  if not meta.is_file() or not (path / "params").is_dir():
+    raise InputError(f"{path} is not a qjax checkpoint (no qjax.json or params/)")
+  d = json.loads(meta.read_text())
+  if d.get("format") != FORMAT:
+    raise InputError(f"{path} has unsupported checkpoint format {d.get('format')!r}")
+  return d
+
+
+def load_params(path) -> tuple[dict, dict]:
+  """``(params, meta)`` from a checkpoint written by :func:`save` (QArrays rebuilt from metadata)."""
+  path = Path(path).resolve()
+  meta = read_meta(path)
+  flat = tree.flatten(ocp.StandardCheckpointer().restore(path / "params"))
+  for qpath, static in meta["qarrays"].items():
+    fields = {k: flat.pop(f"{qpath}/{k}", None) for k in _QFIELDS}
+    static = {**static, "shape": tuple(static["shape"])}
+    flat[qpath] = QArray(**fields, **static)
+  return tree.unflatten({k: (v if isinstance(v, QArray) else jnp.asarray(v)) for k, v in flat.items()}), meta

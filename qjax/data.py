@@ -1,0 +1,42 @@
+"""Tokenizers from model folders, text sources, and the seeded calibration sampler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qjax.errors import InputError
+
+
+def load_tokenizer(path):
+  """``AutoTokenizer`` from a local model (or qjax checkpoint) folder; never touches the network."""
+  import transformers
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise InputError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+  tok.model_max_length = int(1e12)  # whole-text tokenization is intended; silence the length warning
+  return tok
+
+
+def read_text(path) -> str:
+  path = Path(path)
+  if not path.is_file():
+    raise InputError(f"text file {path} does not exist")
+  return path.read_text(encoding="utf-8")
+
+
+def tokenize(tokenizer, text: str) -> np.ndarray:
+  """The whole text tokenized once, special tokens as the tokenizer adds them by default -> int32 ``[n]``."""
+  return np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
+
+
+def calibration_windows(tokens: np.ndarray, nsamples: int, seqlen: int, seed: int = 0) -> np.ndarray:
+  """``nsamples`` windows ``[nsamples, seqlen]`` int32 starting at seeded uniform random offsets.
+
+  Offsets are drawn with ``numpy.random.default_rng(seed)`` from ``[0, len(tokens) - seqlen]``.
+  """
+  if len(tokens) < seqlen + 1:
+    raise InputError(f"calibration text has {len(tokens)} tokens, fewer than one window of {seqlen}")
+  starts = np.random.default_rng(seed).integers(0, len(tokens) - seqlen + 1, size=nsamples)
+  return np.stack([tokens[s:s + seqlen] for s in starts]).astype(np.int32)

@@ -1,0 +1,55 @@
+"""Round-to-nearest (RTN) weight quantization.
+
+Per matrix: :func:`quantize_weight` fits one affine range per output row (``group_size=-1``) or per group of
+``group_size`` consecutive input columns (the last group may be partial), with the conventions of
+:mod:`qjax.uniform`, and returns a :class:`~qjax.qarray.QArray`. Per model: :func:`quantize` replaces every
+weight whose path matches the config's regex rules (default: every decoder linear of every supported family;
+embeddings and ``lm_head`` are untouched unless a rule names them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from qjax import tree, uniform
+from qjax.models.families import DECODER_LINEARS
+from qjax.qarray import QArray, is_qarray
+
+
+@dataclasses.dataclass(frozen=True)
+class RTNConfig:
+  bits: int = 4
+  group_size: int = -1
+  sym: bool = False
+  scale_dtype: str = "float16"        # storage type of the per-group scales
+  targets: tuple[str, ...] = DECODER_LINEARS  # regexes (full match) over parameter paths
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype"))
+def quantize_weight(w: jax.Array, *, bits: int, group_size: int = -1, sym: bool = False,
+                    scale_dtype: str | None = None) -> QArray:
+  """RTN-quantizes ``w [out_features, in_features]``.
+
+  Returns a QArray whose ``dequantize()`` is ``[out, in]`` in ``w.dtype``; scales are stored in ``scale_dtype``
+  (default ``w.dtype``; with float32 the dequantized matrix equals the reference fake quantizer bit for bit).
+  """
+  wg = uniform.to_groups(w.astype(jnp.float32), group_size)        # [out, G, g]
+  scale, zero = uniform.fit(wg, bits, sym)                          # [out, G, 1]
+  q = uniform.from_groups(uniform.quantize(wg, scale, zero, bits), w.shape[1])
+  return QArray.from_codes(q.astype(jnp.uint8), scale[..., 0], zero[..., 0], bits=bits, group_size=group_size,
+                           sym=sym, dtype=w.dtype, scale_dtype=scale_dtype or w.dtype)
+
+
+def quantize(params, config: RTNConfig = RTNConfig(), progress: bool = True):
+  """Returns a new parameter tree with each targeted dense weight replaced by its RTN QArray."""
+  paths = [p for p in tree.matching(params, config.targets) if not is_qarray(tree.flatten(params)[p])]
+  bar = tqdm(paths, desc=f"RTN W{config.bits}", disable=not progress, leave=False)
+  fn = lambda p, w: quantize_weight(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                                    scale_dtype=config.scale_dtype)
+  out = tree.replace(params, paths, lambda p, w: (bar.update(), fn(p, w))[1])
+  bar.close()
+  return out

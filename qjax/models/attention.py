@@ -1,0 +1,72 @@
+"""Self-attention block shared by the families (projection names and RoPE come from the family)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qjax.models import layers
+from qjax.models.config import ModelConfig
+
+
+class SelfAttention(nn.Module):
+  """q/k/v projections, optional RoPE on q and k, grouped-query attention, output projection.
+
+  ``x [b, t, hidden]``, ``positions [b, t]`` int, ``mask [b, t, s]`` bool. Without a cache ``s = t``; with a
+  layer cache (see :mod:`qjax.models.kv_cache`) the new keys/values are written at ``cache_index`` and
+  attention reads the cache's ``s = max_len`` slots. Returns ``(y [b, t, hidden], new_layer_cache)``.
+  """
+  config: ModelConfig
+  out_name: str
+  use_bias: bool
+  rope: bool
+  hooks: layers.ActivationHooks
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+    c = self.config
+    b, t, _ = x.shape
+    h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
+    lin = lambda n, i, o: layers.Linear(i, o, self.use_bias, self.dtype, self.hooks.linear_input, name=n)
+    q = lin("q_proj", c.hidden_size, h * d)(x).reshape(b, t, h, d)
+    k = lin("k_proj", c.hidden_size, kvh * d)(x).reshape(b, t, kvh, d)
+    v = lin("v_proj", c.hidden_size, kvh * d)(x).reshape(b, t, kvh, d)
+    if self.rope:
+      inv = layers.rope_inv_freq(d, c.rope_theta, c.rope_scaling_dict)
+      q, k = layers.apply_rope(q, positions, inv), layers.apply_rope(k, positions, inv)
+    if layer_cache is not None:
+      k, v, layer_cache = layer_cache.update(k, v, cache_index)
+    o = layers.attention(q, k, v, mask, d**-0.5, self.hooks).reshape(b, t, h * d)
+    return lin(self.out_name, h * d, c.hidden_size)(o), layer_cache
+
+
+def masks_and_positions(attention_mask, positions, cache):
+  """Attention mask, RoPE/learned positions and updated cache bookkeeping for a forward call.
+
+  ``attention_mask [b, t]`` (1 = token, 0 = padding). Default positions count real tokens (left padding gets
+  position 0 repeatedly), offset by the tokens already in the cache.
+  """
+  if cache is None:
+    mask = layers.causal_mask(attention_mask)
+    valid, index = None, None
+    past = 0
+  else:
+    mask, valid = cache.append_mask(attention_mask)
+    index = cache.length
+    past = jnp.sum(cache.valid, axis=1, keepdims=True)
+  if positions is None:
+    positions = past + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  return mask, positions.astype(jnp.int32), valid, index
+
+
+def finish_cache(cache, new_layers, valid, t):
+  if cache is None:
+    return None
+  return type(cache)(tuple(new_layers), valid, cache.length + t)
+
+
+
+
+def jax_ones(ids):
+  """Default attention mask: every token real."""
+  return jnp.ones(ids.shape, jnp.int32)

@@ -1,0 +1,81 @@
+"""One declarative map per model family: where the decoder layers live, the names of their linears, which norm
+feeds which linears, the true-sequential quantization order and where RoPE applies.
+
+Parameter paths mirror the Hugging Face state-dict names with ``layers.N`` written ``layers_N`` and ``.`` written
+``/`` (``model.layers.0.self_attn.q_proj.weight`` -> ``model/layers_0/self_attn/q_proj/weight``); linear weights
+keep the HF ``[out_features, in_features]`` layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  layers_prefix: str                            # decoder layer i lives at f"{layers_prefix}_{i}"
+  linears: tuple[tuple[str, str], ...]           # (role, path inside a layer), in execution order
+  norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]  # (norm path inside a layer, roles it feeds)
+  sequential: tuple[tuple[str, ...], ...]        # true-sequential groups of roles
+  rope_roles: tuple[str, ...]                    # projections whose outputs get RoPE
+  embed: str
+  final_norm: str
+  lm_head: str = "lm_head/weight"
+
+  def layer_path(self, i: int) -> str:
+    return f"{self.layers_prefix}_{i}"
+
+  def linear_path(self, role: str) -> str:
+    return dict(self.linears)[role]
+
+  @property
+  def linear_pattern(self) -> str:
+    """Regex (full match) of every decoder linear weight of this family."""
+    alts = "|".join(re.escape(p) for _, p in self.linears)
+    return rf"{re.escape(self.layers_prefix)}_\d+/({alts})/weight"
+
+
+LLAMA = Family(
+    name="llama",
+    layers_prefix="model/layers",
+    linears=(("q", "self_attn/q_proj"), ("k", "self_attn/k_proj"), ("v", "self_attn/v_proj"),
+             ("o", "self_attn/o_proj"), ("gate", "mlp/gate_proj"), ("up", "mlp/up_proj"),
+             ("down", "mlp/down_proj")),
+    norm_feeds=(("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("gate", "up"))),
+    sequential=(("q", "k", "v"), ("o",), ("gate", "up"), ("down",)),
+    rope_roles=("q", "k"),
+    embed="model/embed_tokens/weight",
+    final_norm="model/norm",
+)
+
+OPT = Family(
+    name="opt",
+    layers_prefix="model/decoder/layers",
+    linears=(("q", "self_attn/q_proj"), ("k", "self_attn/k_proj"), ("v", "self_attn/v_proj"),
+             ("o", "self_attn/out_proj"), ("fc1", "fc1"), ("fc2", "fc2")),
+    norm_feeds=(("self_attn_layer_norm", ("q", "k", "v")), ("final_layer_norm", ("fc1",))),
+    sequential=(("q", "k", "v"), ("o",), ("fc1",), ("fc2",)),
+    rope_roles=(),
+    embed="model/decoder/embed_tokens/weight",
+    final_norm="model/decoder/final_layer_norm",
+)
+
+FAMILIES = {"llama": LLAMA, "opt": OPT}
+
+# Every decoder linear of every family: the default target of weight quantization.
+DECODER_LINEARS = tuple(f.linear_pattern for f in FAMILIES.values())
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def hf_to_path(key: str) -> str:
+  """HF state-dict key -> qjax parameter path."""
+  if key.startswith("decoder."):  # old OPT checkpoints without the "model." prefix
+    key = "model." + key
+  return _LAYER_RE.sub(r".layers_\1.", key).replace(".", "/")
+
+
+def path_to_hf(path: str) -> str:
+  """qjax parameter path -> HF state-dict key."""
+  return re.sub(r"/layers_(\d+)/", r"/layers/\1/", path).replace("/", ".")

@@ -1,0 +1,108 @@
+"""OPT causal LM: learned positions with OPT's offset of 2, pre-LN (most sizes) or post-LN (OPT-350m) blocks,
+ReLU FFN, biases, ``project_in``/``project_out`` when ``word_embed_proj_dim != hidden_size``, tied lm_head.
+Matches transformers' ``OPTForCausalLM``."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qjax.models import layers
+from qjax.models.attention import SelfAttention, finish_cache, jax_ones, masks_and_positions
+from qjax.models.config import ModelConfig
+
+POSITION_OFFSET = 2
+
+_ACTS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+class OPTDecoderLayer(nn.Module):
+  """``x + attn(ln(x))`` and ``x + fc2(act(fc1(ln(x))))`` (pre-LN), or LN after each residual sum (post-LN)."""
+  config: ModelConfig
+  hooks: layers.ActivationHooks = layers.ActivationHooks()
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+    c = self.config
+    pre = c.do_layer_norm_before
+    ln = lambda n: layers.LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, self.dtype, name=n)
+    attn_ln, ffn_ln = ln("self_attn_layer_norm"), ln("final_layer_norm")
+    a, layer_cache = SelfAttention(c, "out_proj", c.enable_bias, False, self.hooks, self.dtype,
+                                   name="self_attn")(attn_ln(x) if pre else x, positions, mask, layer_cache,
+                                                     cache_index)
+    x = x + a
+    if not pre:
+      x = attn_ln(x)
+    h = ffn_ln(x) if pre else x
+    lin = lambda n, i, o: layers.Linear(i, o, c.enable_bias, self.dtype, self.hooks.linear_input, name=n)
+    h = lin("fc2", c.intermediate_size, c.hidden_size)(_ACTS[c.hidden_act](lin("fc1", c.hidden_size,
+                                                                             c.intermediate_size)(h)))
+    x = x + h
+    return (x if pre else ffn_ln(x)), layer_cache
+
+
+class OPTDecoder(nn.Module):
+  config: ModelConfig
+  hooks: layers.ActivationHooks
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.embed_tokens = layers.Embed(c.vocab_size, c.word_embed_proj_dim, self.dtype)
+    self.embed_positions = layers.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, self.dtype)
+    self.projected = c.word_embed_proj_dim != c.hidden_size
+    if self.projected:
+      self.project_in = layers.Linear(c.word_embed_proj_dim, c.hidden_size, False, self.dtype)
+      self.project_out = layers.Linear(c.hidden_size, c.word_embed_proj_dim, False, self.dtype)
+    self.layers = [OPTDecoderLayer(c, self.hooks, self.dtype) for _ in range(c.num_layers)]
+    if c.final_layer_norm:
+      self.final_layer_norm = layers.LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, self.dtype)
+
+  def __call__(self, input_ids, attention_mask, positions, cache):
+    mask, positions, valid, index = masks_and_positions(attention_mask, positions, cache)
+    x = self.embed_tokens(input_ids)
+    if self.projected:
+      x = self.project_in(x)
+    x = x + self.embed_positions(positions + POSITION_OFFSET)
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      x, lc = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
+      new_layers.append(lc)
+    if self.config.final_layer_norm:
+      x = self.final_layer_norm(x)
+    if self.projected:
+      x = self.project_out(x)
+    return x, finish_cache(cache, new_layers, valid, input_ids.shape[1])
+
+
+class OPTModel(nn.Module):
+  config: ModelConfig
+  hooks: layers.ActivationHooks
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.decoder = OPTDecoder(self.config, self.hooks, self.dtype)
+
+  def __call__(self, *args):
+    return self.decoder(*args)
+
+
+class OPTForCausalLM(nn.Module):
+  """Same call signature as :class:`qjax.models.llama.LlamaForCausalLM`."""
+  config: ModelConfig
+  hooks: layers.ActivationHooks = layers.ActivationHooks()
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    c = self.config
+    if attention_mask is None:
+      attention_mask = jax_ones(input_ids)
+    model = OPTModel(c, self.hooks, self.dtype, name="model")
+    x, cache = model(input_ids, attention_mask, positions, cache)
+    if c.tie_word_embeddings:
+      logits = model.decoder.embed_tokens.attend(x)
+    else:
+      logits = layers.Linear(c.word_embed_proj_dim, c.vocab_size, False, self.dtype, name="lm_head")(x)
+    return logits.astype(jnp.float32), cache

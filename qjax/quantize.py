@@ -1,0 +1,156 @@
+"""``python -m qjax.quantize``: quantize a LLaMA/OPT checkpoint, evaluate perplexity, save, summarize.
+
+Example (the ``make demo`` run)::
+
+    python -m qjax.quantize --method rtn --wbits 4 --groupsize 32 --baseline --ppl-datasets tinystories,wikitext2
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from qjax import assets, checkpoint, cli, data, perplexity, size
+from qjax.errors import InputError
+from qjax.kernels.qmatmul import path_name
+from qjax.methods import rtn
+from qjax.qarray import QArray
+
+METHODS = ("none", "rtn")
+
+
+def build_parser() -> cli.Parser:
+  p = cli.Parser(prog="python -m qjax.quantize", description=__doc__.splitlines()[0])
+  cli.add_model_args(p)
+  cli.add_quant_args(p, METHODS)
+  p.add_argument("--eval", default="ppl", choices=("ppl", "none"), help="evaluation to run")
+  p.add_argument("--ppl-datasets", default="tinystories",
+                 help=f"comma-separated named texts ({', '.join(assets.PPL_DATASETS)}) or 'none'")
+  p.add_argument("--ppl-text", action="append", default=[], metavar="FILE", help="a text file to score (repeatable)")
+  p.add_argument("--seqlen", type=int, help="perplexity window (default 2048 capped at the model context)")
+  p.add_argument("--eval-nsamples", type=int, help="score only the first N windows")
+  p.add_argument("--batch-size", type=int, help="windows per forward call (default: fits 256 MB of logits)")
+  p.add_argument("--baseline", action="store_true", help="also evaluate the unquantized model")
+  p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
+  p.add_argument("--overwrite", action="store_true", help="allow --save/--json to replace existing paths")
+  p.add_argument("--json", help="write the results as JSON to this file")
+  p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  return p
+
+
+def _texts(args) -> dict[str, Path]:
+  out = {}
+  names = [] if args.ppl_datasets in ("", "none") else args.ppl_datasets.split(",")
+  for name in names:
+    out[name] = assets.named_text(name.strip(), assets.PPL_DATASETS)
+  for f in args.ppl_text:
+    if not Path(f).is_file():
+      raise InputError(f"--ppl-text file {f} does not exist")
+    out[Path(f).name] = Path(f)
+  if args.eval == "ppl" and not out:
+    raise InputError("--eval ppl needs at least one of --ppl-datasets / --ppl-text")
+  return out
+
+
+def _validate(args):
+  cli.validate_quant_args(args)
+  if args.seqlen is not None and args.seqlen < 2:
+    raise InputError(f"--seqlen must be at least 2, got {args.seqlen}")
+  if args.eval_nsamples is not None and args.eval_nsamples < 1:
+    raise InputError(f"--eval-nsamples must be positive, got {args.eval_nsamples}")
+  if args.baseline and args.load:
+    raise InputError("--baseline needs the unquantized model: use --model, not --load")
+  if args.save:
+    checkpoint.check_destination(args.save, args.overwrite)
+  if args.json and Path(args.json).exists() and not args.overwrite:
+    raise InputError(f"--json file {args.json} already exists (pass --overwrite to replace it)")
+
+
+def quantize_params(args, params):
+  if args.method == "rtn":
+    cfg = rtn.RTNConfig(bits=args.wbits, group_size=args.groupsize, sym=args.sym)
+    return rtn.quantize(params, cfg, progress=not args.no_progress), dataclasses.asdict(cfg)
+  return params, {}
+
+
+def run(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  _validate(args)
+  texts = _texts(args) if args.eval == "ppl" else {}
+  model, params, meta = cli.load_model(args)
+  seqlen = args.seqlen or min(2048, model.config.max_position_embeddings)
+  tok = data.load_tokenizer(cli.model_dir(args))
+  tokens = {}
+  for name, path in texts.items():
+    tokens[name] = data.tokenize(tok, data.read_text(path))
+    perplexity.windows(tokens[name], seqlen)  # fails early on a text shorter than one window
+  source_dir = cli.model_dir(args)
+
+  t0 = time.perf_counter()
+  qparams, method_cfg = quantize_params(args, params)
+  jax.block_until_ready(qparams)
+  quant_seconds = time.perf_counter() - t0
+  method = {"name": args.method, "config": method_cfg} if not args.load else meta["method"]
+
+  def evaluate(p, tag):
+    return {n: perplexity.perplexity(model, p, t, seqlen, args.eval_nsamples, args.batch_size,
+                                     not args.no_progress, f"ppl {n} ({tag})") for n, t in tokens.items()}
+
+  results = evaluate(qparams, "quantized" if method["name"] != "none" else "fp")
+  baseline = evaluate(params, "fp") if args.baseline else {}
+  if args.save:
+    checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
+                    overwrite=args.overwrite)
+  rep = size.size_report(qparams)
+  paths = sorted({path_name(l) for l in jax.tree_util.tree_leaves(qparams, is_leaf=lambda x: isinstance(x, QArray))
+                  if isinstance(l, QArray)}) or ["dense"]
+  tps = [r.tokens_per_second for r in results.values()]
+  out = {
+      "ppl": {n: r.ppl for n, r in results.items()},
+      "size": {"bits_per_weight": rep.bits_per_weight, "quantized_bytes": rep.quantized_bytes,
+               "fp16_bytes": rep.fp16_bytes, "compression_ratio": rep.compression,
+               "quantized_weights": rep.quantized_weights, "total_weights": rep.total_weights},
+      "timing": {"quantize_seconds": quant_seconds,
+                 "eval_tokens_per_second": sum(tps) / len(tps) if tps else None},
+      "config": {**{k: v for k, v in vars(args).items() if k != "no_progress"}, "seqlen": seqlen,
+                 "model_dir": str(source_dir), "method": method, "matmul_path": ", ".join(paths)},
+      "protocol": perplexity.PROTOCOL,
+  }
+  if args.baseline:
+    out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
+  _print_summary(out, results, baseline, method["name"])
+  if args.json:
+    cli.write_json(args.json, out)
+  return 0
+
+
+def _print_summary(out, results, baseline, method):
+  rows = []
+  for n, r in results.items():
+    b = baseline.get(n)
+    rows.append([n, r.seqlen, len(r.nll), b.ppl if b else "-", r.ppl,
+                 f"{(r.ppl / b.ppl - 1) * 100:+.2f}%" if b else "-", f"{r.tokens_per_second:,.0f}"])
+  if rows:
+    print(cli.format_table(["dataset", "seqlen", "windows", "fp ppl", f"{method} ppl", "delta", "eval tok/s"], rows))
+    print()
+  s, t = out["size"], out["timing"]
+  print(cli.format_table(["model", "value"], [
+      ["method", method],
+      ["matmul path", out["config"]["matmul_path"]],
+      ["fp16-equivalent bytes", f"{s['fp16_bytes']:,}"],
+      ["quantized bytes", f"{s['quantized_bytes']:,}"],
+      ["bits / quantized weight", f"{s['bits_per_weight']:.3f}"],
+      ["compression vs fp16", f"{s['compression_ratio']:.2f}x"],
+      ["quantize time", f"{t['quantize_seconds']:.2f} s"],
+  ]))
+
+
+def main(argv=None) -> int:
+  return cli.run_guarded(run, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,81 @@
+"""The uniform affine quantizer with the GPTQ / qllm-infer conventions (reference notes section 2.1).
+
+For a set of values ``x`` (one row, one group of a row, or one token) with ``maxq = 2**bits - 1``::
+
+    xmin = min(min(x), 0);  xmax = max(max(x), 0)           # the range always contains 0
+    sym:  xmax = max(|xmin|, xmax);  xmin = -xmax
+    xmin == xmax == 0  ->  xmin, xmax = -1, +1
+    scale = (xmax - xmin) / maxq
+    zero  = (maxq + 1) / 2 if sym else round(-xmin / scale)  # integer zero point, round half to even
+    q     = clip(round(x / scale) + zero, 0, maxq);   x_hat = scale * (q - zero)
+
+All arithmetic is float32, as in the reference. One deliberate fix (reference quirk Q1): the reference sets
+``xmin = -xmax`` in symmetric mode only where ``xmin < 0``, so a row with no negative value gets
+``scale = xmax / maxq`` while keeping the mid-grid zero and can represent only ``7/15 * xmax`` at 4 bits. Here
+symmetric always means ``xmin = -xmax``; on rows that contain a negative value the two agree exactly.
+
+Groups: ``group_size = g > 0`` cuts each row of an ``[out, in]`` matrix into ``ceil(in / g)`` contiguous groups of
+input columns; when ``g`` does not divide ``in`` the last group is partial (it is zero-padded, which cannot move
+``min``/``max`` since the range always contains 0). The reference instead reshapes the whole matrix to ``[-1, g]``,
+which lets groups straddle rows; that is not reproduced.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def num_groups(n: int, group_size: int) -> int:
+  """Groups along a row of ``n`` columns (1 for per-channel, ``group_size == -1``)."""
+  return 1 if group_size == -1 else -(-n // group_size)
+
+
+def to_groups(w: jax.Array, group_size: int) -> jax.Array:
+  """``[..., n]`` -> ``[..., G, g]`` with the last group zero-padded (``g = n`` when ``group_size == -1``)."""
+  n = w.shape[-1]
+  if group_size == -1:
+    return w[..., None, :]
+  ng = num_groups(n, group_size)
+  w = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, ng * group_size - n)])
+  return w.reshape(*w.shape[:-1], ng, group_size)
+
+
+def from_groups(wg: jax.Array, n: int) -> jax.Array:
+  """Inverse of :func:`to_groups`: ``[..., G, g]`` -> ``[..., n]`` (drops the padding)."""
+  return wg.reshape(*wg.shape[:-2], -1)[..., :n]
+
+
+def fit(x: jax.Array, bits: int, sym: bool, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """Scale and integer-valued zero point of each slice of ``x`` along ``axis`` (kept as a size-1 axis).
+
+  Returns float32 ``(scale, zero)`` broadcastable against ``x``.
+  """
+  maxq = 2**bits - 1
+  x = x.astype(jnp.float32)
+  xmin = jnp.minimum(jnp.min(x, axis=axis, keepdims=True), 0.0)
+  xmax = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0)
+  if sym:
+    xmax = jnp.maximum(-xmin, xmax)
+    xmin = -xmax
+  dead = (xmin == 0) & (xmax == 0)
+  xmin = jnp.where(dead, -1.0, xmin)
+  xmax = jnp.where(dead, 1.0, xmax)
+  scale = (xmax - xmin) / maxq
+  zero = jnp.full_like(scale, (maxq + 1) / 2) if sym else jnp.round(-xmin / scale)
+  return scale, zero
+
+
+def quantize(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """Integer codes ``clip(round(x / scale) + zero, 0, maxq)`` as float32 (exact small integers)."""
+  return jnp.clip(jnp.round(x.astype(jnp.float32) / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
+  """``scale * (q - zero)`` in float32."""
+  return scale * (q - zero)
+
+
+def fake_quantize(x: jax.Array, bits: int, sym: bool, axis: int = -1) -> jax.Array:
+  """Quantize-dequantize each slice of ``x`` along ``axis`` with its own range (returns ``x.dtype``)."""
+  scale, zero = fit(x, bits, sym, axis)
+  return dequantize(quantize(x, scale, zero, bits), scale, zero).astype(x.dtype)
