@@ -61,12 +61,16 @@ def _validate(args):
     raise InputError(f"--seqlen must be at least 2, got {args.seqlen}")
   if args.eval_nsamples is not None and args.eval_nsamples < 1:
     raise InputError(f"--eval-nsamples must be positive, got {args.eval_nsamples}")
+  if args.batch_size is not None and args.batch_size < 1:
+    raise InputError(f"--batch-size must be positive, got {args.batch_size}")
   if args.baseline and args.load:
     raise InputError("--baseline needs the unquantized model: use --model, not --load")
   if args.save:
     checkpoint.check_destination(args.save, args.overwrite)
   if args.json and Path(args.json).exists() and not args.overwrite:
     raise InputError(f"--json file {args.json} already exists (pass --overwrite to replace it)")
+  if args.json and not Path(args.json).resolve().parent.is_dir():
+    raise InputError(f"parent folder of --json file {args.json} does not exist")
 
 
 def quantize_params(args, params):

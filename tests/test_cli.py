@@ -2,9 +2,7 @@
 
 Each subprocess pays a few seconds of JAX/transformers import and XLA compilation, so the runs are launched
 together from one module fixture (:func:`runs`) on a small thread pool and the tests only inspect the finished
-results. Only the runs needed by the selected tests are launched (``-k`` on one test stays quick). A JAX
-persistent compilation cache private to this module lets the ``--load`` run reuse the compiled quantized
-forward pass of the ``--save`` run.
+results. Only the runs needed by the selected tests are launched (``-k`` on one test stays quick).
 """
 from __future__ import annotations
 
@@ -21,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# hf_reference (torch + transformers, slow to import) is imported where needed, while the first CLI runs go.
+from hf_reference import torch_perplexity
+from qjax import assets
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.environ.get("QJAX_ASSETS") or REPO.parent / "shared" / "assets")
-STORIES = ASSETS / "models" / "stories260K"
+STORIES = assets.asset(assets.DEFAULT_MODEL)
 FAST = ["--seqlen", "64", "--eval-nsamples", "2", "--no-progress"]
 TIMEOUT = 600
 
@@ -38,35 +36,29 @@ TEXT = ("Once upon a time, a little fox found a red ball in the tall grass. She 
 assert len(TEXT) + 1 >= 4 * 64
 
 
-def _env(cache_dir: Path) -> dict:
+def _env() -> dict:
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-             TOKENIZERS_PARALLELISM="false", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             TOKENIZERS_PARALLELISM="false")
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   return env
 
 
 def _cli(env, *args) -> subprocess.CompletedProcess:
+  """``python -m qjax.quantize ARGS`` from the repository root."""
   cmd = [sys.executable, "-m", "qjax.quantize", *map(str, args)]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-  """sha256 of every file under ``folder`` (relative path -> digest)."""
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  """Everything under ``folder``: relative path -> sha256 of a file's bytes, or "dir"."""
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+          for p in sorted(folder.rglob("*"))}
 
 
-def _sha256(path: Path) -> str:
-  return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _with_bad_value(src: Path, dst: Path, value: float) -> tuple[Path, str, str]:
-  """Copy of the checkpoint ``src`` at ``dst`` whose ``model.safetensors`` has one ``value`` in a decoder weight.
-
-  Returns ``(dst, name of the poisoned tensor, sha256 of the poisoned file)``.
-  """
+def _with_bad_value(src: Path, dst: Path, value: float) -> str:
+  """Copies the checkpoint ``src`` to ``dst`` and puts one ``value`` into a decoder weight of its
+  ``model.safetensors``; returns that tensor's name."""
   from safetensors import safe_open
   from safetensors.numpy import save_file
   shutil.copytree(src, dst)
@@ -79,13 +71,13 @@ def _with_bad_value(src: Path, dst: Path, value: float) -> tuple[Path, str, str]
   w[3, 5] = value
   tensors[key] = w
   save_file(tensors, str(f), metadata=meta)
-  return dst, key, _sha256(f)
+  return key
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Bad input: name -> (CLI arguments, words the one-line message must contain). "{t}" is the case's scratch folder
 # (holding the prepared inputs), "{llama}" the random LLaMA checkpoint. Every case also passes --save/--json
-# targets inside {t} and checks that neither appears.
+# targets inside {t} (unless it names its own) and checks that nothing appears.
 BAD = {
     "model_missing": (["--model", "{t}/no-such-model"], ["no-such-model", "does not exist"]),
     "no_config": (["--model", "{t}/empty"], ["config.json"]),
@@ -102,6 +94,8 @@ BAD = {
     "ppl_text_missing": (["--ppl-text", "{t}/no-such.txt"], ["no-such.txt", "does not exist"]),
     "unknown_dataset": (["--ppl-datasets", "tinystories,no_such_set"], ["no_such_set", "tinystories"]),
     "load_not_a_checkpoint": (["--load", str(STORIES)], ["not a qjax checkpoint"]),
+    "json_parent_missing": (["--json", "{t}/no-dir/out.json"], ["no-dir", "does not exist"]),
+    "batch_size_negative": (["--batch-size", "-1"], ["--batch-size", "-1"]),
 }
 # Cases that need the random checkpoints (they are built while the other runs are already going).
 NEEDS_CHECKPOINTS = {"unsupported_model_type", "nan_weights", "inf_weights", "text_shorter_than_window"}
@@ -117,7 +111,7 @@ NEEDS = {
 def _wanted(request) -> set[str]:
   wanted = set()
   for item in request.session.items:
-    if item.module is not sys.modules[__name__]:
+    if getattr(item, "module", None) is not sys.modules[__name__]:
       continue
     if item.originalname == "test_bad_input":
       wanted.add("bad:" + item.callspec.params["case"])
@@ -129,7 +123,7 @@ def _wanted(request) -> set[str]:
 def runs(request, tmp_path_factory):
   """Launches the CLI runs the selected tests need; returns ``(futures by run name, context dict)``."""
   root = tmp_path_factory.mktemp("cli")
-  env = _env(root / "jax-cache")
+  env = _env()
   wanted = _wanted(request)
   ctx = {"root": root}
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, max(2, os.cpu_count() or 2)))
@@ -143,7 +137,10 @@ def runs(request, tmp_path_factory):
     t = root / f"bad-{case}"
     args, _ = BAD[case]
     argv = [a.format(t=t, llama=ctx.get("llama")) for a in args]
-    return _cli(env, *argv, *FAST, "--save", t / "out", "--json", t / "out.json")
+    save = [] if "--save" in argv else ["--save", t / "out"]
+    js = [] if "--json" in argv else ["--json", t / "out.json"]
+    ctx[f"files-before:{case}"] = _hashes(t)
+    return _cli(env, *argv, *FAST, *save, *js)
 
   # The longest chain first: stories260K RTN W4 g32 with --baseline --json --save, then --load of that save.
   if {"stories", "load"} & wanted:
@@ -168,11 +165,20 @@ def runs(request, tmp_path_factory):
     if case not in NEEDS_CHECKPOINTS:
       submit("bad:" + case, bad, case)
 
-  # Random HF checkpoints (torch, in this process) while the first runs are going.
+  # --load of the stories save (queued behind the run it waits for, which is the first one to start).
+  def load():
+    first = futures["stories"].result()
+    if first.returncode != 0:
+      pytest.fail(f"the --save run failed:\n{first.stderr}")
+    sdir = ctx["stories_dir"]
+    return _cli(env, "--load", sdir / "ckpt", *FAST, "--json", sdir / "load.json")
+  submit("load", load)
+
+  # The random HF checkpoints of conftest (built here, while the first runs are going, unless another module
+  # already did).
   if wanted & {"llama", "opt"} or any("bad:" + c in wanted for c in NEEDS_CHECKPOINTS):
-    from hf_reference import make_llama_checkpoint, make_opt_checkpoint
-    ctx["llama"] = make_llama_checkpoint(root / "llama")
-    ctx["opt"] = make_opt_checkpoint(root / "opt")
+    ctx["llama"] = request.getfixturevalue("llama_dir")
+    ctx["opt"] = request.getfixturevalue("opt_dir")
     ctx["text"] = root / "story.txt"
     ctx["text"].write_text(TEXT)
     for name in ("llama", "opt"):
@@ -183,8 +189,7 @@ def runs(request, tmp_path_factory):
     (t / "gpt2" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     for case, value in (("nan_weights", math.nan), ("inf_weights", math.inf)):
       t = root / f"bad-{case}"
-      _, key, digest = _with_bad_value(ctx["llama"], t / case.split("_")[0], value)
-      ctx[case] = {"key": key, "sha256": digest, "file": t / case.split("_")[0] / "model.safetensors"}
+      ctx[f"poisoned:{case}"] = _with_bad_value(ctx["llama"], t / case.split("_")[0], value)
     (root / "bad-text_shorter_than_window" / "short.txt").write_text(TEXT[:40])
     for case in sorted(NEEDS_CHECKPOINTS):
       submit("bad:" + case, bad, case)
@@ -205,15 +210,6 @@ def runs(request, tmp_path_factory):
     submit("opt", _cli, env, "--model", ctx["opt"], "--method", "rtn", "--wbits", "3", "--groupsize", "-1", "--sym",
            "--baseline", "--ppl-text", ctx["text"], "--ppl-datasets", "none", *FAST, "--json", odir / "rtn.json")
 
-  # --load of the stories save: submitted last so that the run it waits for is already going.
-  def load():
-    first = futures["stories"].result()
-    if first.returncode != 0:
-      pytest.fail(f"the --save run failed:\n{first.stderr}")
-    sdir = ctx["stories_dir"]
-    return _cli(env, "--load", sdir / "ckpt", *FAST, "--json", sdir / "load.json")
-  submit("load", load)
-
   yield futures, ctx
   pool.shutdown(wait=True, cancel_futures=True)
 
@@ -225,7 +221,8 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def _no_temp_leftovers(parent: Path):
-  assert not [p.name for p in parent.iterdir() if ".tmp-" in p.name or p.name.startswith(".rtn.json")]
+  """No temporary ``.NAME.tmp-*`` save folder or ``.NAME.*`` JSON file left next to the outputs."""
+  assert not [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 def _is_checkpoint(d: Path, source: Path):
@@ -251,14 +248,12 @@ def test_bad_input(runs, case):
   for word in BAD[case][1]:
     assert word.lower() in err.lower(), (word, err)
   assert proc.stdout.strip() == "", proc.stdout
+  # Nothing written (no --save folder, no --json file, no temporary files) and the inputs untouched: for the
+  # NaN/Inf cases the poisoned model.safetensors keeps its sha256, for save_exists the existing folder its file.
   assert not (t / "out").exists() and not (t / "out.json").exists()
-  assert not [p.name for p in t.iterdir() if p.name.startswith(".")]  # no temporary files either
-  if case == "save_exists":
-    assert [p.name for p in (t / "existing").iterdir()] == ["keep.txt"]
+  assert _hashes(t) == ctx[f"files-before:{case}"]
   if case in ("nan_weights", "inf_weights"):
-    info = ctx[case]
-    assert info["key"] in err
-    assert _sha256(info["file"]) == info["sha256"]  # the source checkpoint is only read
+    assert ctx[f"poisoned:{case}"] in err
 
 
 def test_rtn_w4g32_with_baseline_and_json(runs):
@@ -313,7 +308,6 @@ def test_save_then_load_gives_the_same_ppl(runs):
 def _reference_ppl(model_dir: Path) -> float:
   """fp32 torch perplexity of TEXT with the CLI settings (BOS + 1 token per char, seqlen 64, first 2 windows)."""
   from transformers import AutoTokenizer
-  from hf_reference import torch_perplexity
   ids = np.asarray(AutoTokenizer.from_pretrained(model_dir)(TEXT)["input_ids"])
   assert len(ids) == len(TEXT) + 1
   return torch_perplexity(model_dir, ids, seqlen=64, nsamples=2)
