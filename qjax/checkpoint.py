@@ -65,6 +65,7 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
         shutil.copy2(source_dir / name, tmp / name)
     meta = {"format": FORMAT, "dtype": dtype, "method": method, "qarrays": qmeta}
     (tmp / "qjax.json").write_text(json.dumps(meta, indent=1))
+    os.chmod(tmp, 0o777 & ~current_umask())
     if dest.exists():
       shutil.rmtree(dest)
     os.rename(tmp, dest)
@@ -72,6 +73,13 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return dest
+
+
+def current_umask() -> int:
+  """The process umask (atomic writes start from private temporary files; outputs get the usual modes)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def read_meta(path) -> dict:

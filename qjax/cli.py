@@ -22,12 +22,12 @@ class Parser(argparse.ArgumentParser):
     self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
-def run_guarded(fn, argv=None) -> int:
+def run_guarded(fn, argv, prog: str) -> int:
   """Runs ``fn(argv)``; bad input becomes ``prog: error: ...`` on stderr and exit status 2, no traceback."""
   try:
     return fn(argv) or 0
   except InputError as e:
-    print(f"{Path(sys.argv[0]).name if sys.argv else 'qjax'}: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
@@ -81,6 +81,7 @@ def write_json(path, obj):
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
   with os.fdopen(fd, "w") as f:
     json.dump(obj, f, indent=1)
+  os.chmod(tmp, 0o666 & ~checkpoint.current_umask())
   os.replace(tmp, path)
 
 

@@ -20,10 +20,11 @@ from qjax.methods import rtn
 from qjax.qarray import QArray
 
 METHODS = ("none", "rtn")
+PROG = "python -m qjax.quantize"
 
 
 def build_parser() -> cli.Parser:
-  p = cli.Parser(prog="python -m qjax.quantize", description=__doc__.splitlines()[0])
+  p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
   cli.add_model_args(p)
   cli.add_quant_args(p, METHODS)
   p.add_argument("--eval", default="ppl", choices=("ppl", "none"), help="evaluation to run")
@@ -86,11 +87,14 @@ def run(argv=None) -> int:
   texts = _texts(args) if args.eval == "ppl" else {}
   model, params, meta = cli.load_model(args)
   seqlen = args.seqlen or min(2048, model.config.max_position_embeddings)
+  if seqlen > model.config.max_position_embeddings:
+    raise InputError(f"--seqlen {seqlen} exceeds the model context ({model.config.max_position_embeddings})")
   tok = data.load_tokenizer(cli.model_dir(args))
   tokens = {}
   for name, path in texts.items():
     tokens[name] = data.tokenize(tok, data.read_text(path))
-    perplexity.windows(tokens[name], seqlen)  # fails early on a text shorter than one window
+    if len(tokens[name]) < seqlen:  # fail before any long work
+      raise InputError(f"text {name!r} has {len(tokens[name])} tokens, fewer than one window of seqlen {seqlen}")
   source_dir = cli.model_dir(args)
 
   t0 = time.perf_counter()
@@ -153,7 +157,7 @@ def _print_summary(out, results, baseline, method):
 
 
 def main(argv=None) -> int:
-  return cli.run_guarded(run, argv)
+  return cli.run_guarded(run, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ BAD = {
     "load_not_a_checkpoint": (["--load", str(STORIES)], ["not a qjax checkpoint"]),
     "json_parent_missing": (["--json", "{t}/no-dir/out.json"], ["no-dir", "does not exist"]),
     "batch_size_negative": (["--batch-size", "-1"], ["--batch-size", "-1"]),
+    "seqlen_beyond_context": (["--seqlen", "4096"], ["4096", "context", "512"]),
 }
 # Cases that need the random checkpoints (they are built while the other runs are already going).
 NEEDS_CHECKPOINTS = {"unsupported_model_type", "nan_weights", "inf_weights", "text_shorter_than_window"}
@@ -126,7 +127,8 @@ def runs(request, tmp_path_factory):
   env = _env()
   wanted = _wanted(request)
   ctx = {"root": root}
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, max(2, os.cpu_count() or 2)))
+  # One worker more than cores: the --load task blocks its worker (not a core) until the --save run is done.
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(6, (os.cpu_count() or 2) + 1))
   futures = {}
 
   def submit(name, fn, *args):

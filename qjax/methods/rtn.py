@@ -46,7 +46,8 @@ def quantize_weight(w: jax.Array, *, bits: int, group_size: int = -1, sym: bool 
 
 def quantize(params, config: RTNConfig = RTNConfig(), progress: bool = True):
   """Returns a new parameter tree with each targeted dense weight replaced by its RTN QArray."""
-  paths = [p for p in tree.matching(params, config.targets) if not is_qarray(tree.flatten(params)[p])]
+  flat = tree.flatten(params)
+  paths = [p for p in tree.matching(params, config.targets) if not is_qarray(flat[p])]
   bar = tqdm(paths, desc=f"RTN W{config.bits}", disable=not progress, leave=False)
   fn = lambda p, w: quantize_weight(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
                                     scale_dtype=config.scale_dtype)
