@@ -142,7 +142,7 @@ def runs(request, tmp_path_factory):
     save = [] if "--save" in argv else ["--save", t / "out"]
     js = [] if "--json" in argv else ["--json", t / "out.json"]
     ctx[f"files-before:{case}"] = _hashes(t)
-    return _cli(env, *argv, *FAST, *save, *js)
+    return _cli(env, *FAST, *argv, *save, *js)  # case arguments win over the defaults
 
   # The longest chain first: stories260K RTN W4 g32 with --baseline --json --save, then --load of that save.
   if {"stories", "load"} & wanted:
