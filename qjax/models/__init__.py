@@ -45,6 +45,10 @@ class CausalLM:
     """``(logits float32 [b, t, vocab], cache)``; see :class:`qjax.models.llama.LlamaForCausalLM`."""
     return self.module.apply({"params": params}, input_ids, attention_mask, positions, cache)
 
+  def embed(self, params, input_ids, positions):
+    """Input of decoder layer 0 ``[b, t, hidden]`` for ``input_ids, positions [b, t]``."""
+    return self.module.apply({"params": params}, input_ids, positions, method="embed")
+
   def init(self, seed: int = 0):
     """Random parameters (normal(0, 0.02) weights, unit norms) for tests and benchmarks."""
     return self.module.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"]

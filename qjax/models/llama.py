@@ -53,9 +53,13 @@ class LlamaModel(nn.Module):
     self.layers = [LlamaDecoderLayer(c, self.hooks, self.dtype) for _ in range(c.num_layers)]
     self.norm = layers.RMSNorm(c.hidden_size, c.norm_eps, self.dtype)
 
+  def embed(self, input_ids, positions):
+    """Input of decoder layer 0: ``[b, t, hidden]``."""
+    return self.embed_tokens(input_ids)
+
   def __call__(self, input_ids, attention_mask, positions, cache):
     mask, positions, valid, index = masks_and_positions(attention_mask, positions, cache)
-    x = self.embed_tokens(input_ids)
+    x = self.embed(input_ids, positions)
     new_layers = []
     for i, layer in enumerate(self.layers):
       x, lc = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
@@ -70,15 +74,21 @@ class LlamaForCausalLM(nn.Module):
   hooks: layers.ActivationHooks = layers.ActivationHooks()
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+  def setup(self):
     c = self.config
+    self.model = LlamaModel(c, self.hooks, self.dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, False, self.dtype)
+
+  def embed(self, input_ids, positions):
+    return self.model.embed(input_ids, positions)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
     if attention_mask is None:
       attention_mask = jax_ones(input_ids)
-    model = LlamaModel(c, self.hooks, self.dtype, name="model")
-    x, cache = model(input_ids, attention_mask, positions, cache)
-    if c.tie_word_embeddings:
-      logits = model.embed_tokens.attend(x)
+    x, cache = self.model(input_ids, attention_mask, positions, cache)
+    if self.config.tie_word_embeddings:
+      logits = self.model.embed_tokens.attend(x)
     else:
-      logits = layers.Linear(c.hidden_size, c.vocab_size, False, self.dtype, name="lm_head")(x)
+      logits = self.lm_head(x)
     return logits.astype(jnp.float32), cache

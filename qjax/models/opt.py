@@ -59,12 +59,16 @@ class OPTDecoder(nn.Module):
     if c.final_layer_norm:
       self.final_layer_norm = layers.LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, self.dtype)
 
-  def __call__(self, input_ids, attention_mask, positions, cache):
-    mask, positions, valid, index = masks_and_positions(attention_mask, positions, cache)
+  def embed(self, input_ids, positions):
+    """Input of decoder layer 0: token embedding (projected in) + learned position embedding."""
     x = self.embed_tokens(input_ids)
     if self.projected:
       x = self.project_in(x)
-    x = x + self.embed_positions(positions + POSITION_OFFSET)
+    return x + self.embed_positions(positions + POSITION_OFFSET)
+
+  def __call__(self, input_ids, attention_mask, positions, cache):
+    mask, positions, valid, index = masks_and_positions(attention_mask, positions, cache)
+    x = self.embed(input_ids, positions)
     new_layers = []
     for i, layer in enumerate(self.layers):
       x, lc = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
@@ -84,6 +88,9 @@ class OPTModel(nn.Module):
   def setup(self):
     self.decoder = OPTDecoder(self.config, self.hooks, self.dtype)
 
+  def embed(self, input_ids, positions):
+    return self.decoder.embed(input_ids, positions)
+
   def __call__(self, *args):
     return self.decoder(*args)
 
@@ -94,15 +101,21 @@ class OPTForCausalLM(nn.Module):
   hooks: layers.ActivationHooks = layers.ActivationHooks()
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+  def setup(self):
     c = self.config
+    self.model = OPTModel(c, self.hooks, self.dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = layers.Linear(c.word_embed_proj_dim, c.vocab_size, False, self.dtype)
+
+  def embed(self, input_ids, positions):
+    return self.model.embed(input_ids, positions)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
     if attention_mask is None:
       attention_mask = jax_ones(input_ids)
-    model = OPTModel(c, self.hooks, self.dtype, name="model")
-    x, cache = model(input_ids, attention_mask, positions, cache)
-    if c.tie_word_embeddings:
-      logits = model.decoder.embed_tokens.attend(x)
+    x, cache = self.model(input_ids, attention_mask, positions, cache)
+    if self.config.tie_word_embeddings:
+      logits = self.model.decoder.embed_tokens.attend(x)
     else:
-      logits = layers.Linear(c.word_embed_proj_dim, c.vocab_size, False, self.dtype, name="lm_head")(x)
+      logits = self.lm_head(x)
     return logits.astype(jnp.float32), cache
