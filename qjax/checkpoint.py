@@ -3,8 +3,9 @@
 Layout of a checkpoint folder::
 
     config.json         the source model's HF config (architecture)
-    qjax.json           format version, compute dtype, method and its config, the static fields of every QArray
-    params/             orbax StandardCheckpointer of the tree, each QArray stored as {codes, scale[, zero][, perm]}
+    qjax.json           format version, compute dtype, method and its config, the type and static fields of every
+                        quantized tensor (QArray, ...)
+    params/             orbax StandardCheckpointer of the tree, each quantized tensor stored as a dict of its arrays
     tokenizer files     copied from the source model folder
 
 Saving is atomic: everything is written into a temporary sibling folder that is renamed into place at the end,
@@ -24,13 +25,11 @@ import orbax.checkpoint as ocp
 
 from qjax import tree
 from qjax.errors import InputError
-from qjax.qarray import QArray
+from qjax.qarray import QUANTIZED_TYPES, QuantizedTensor, data_fields, static_fields
 
 FORMAT = "qjax-checkpoint-v1"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
-_QFIELDS = ("codes", "scale", "zero", "perm")
-_QSTATIC = ("shape", "bits", "group_size", "sym", "word_bits", "dtype")
 
 
 def check_destination(dest, overwrite: bool) -> Path:
@@ -49,9 +48,10 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
   source_dir = Path(source_dir)
   flat, qmeta = {}, {}
   for path, leaf in tree.flatten(params).items():
-    if isinstance(leaf, QArray):
-      qmeta[path] = {k: getattr(leaf, k) for k in _QSTATIC}
-      flat.update({f"{path}/{k}": getattr(leaf, k) for k in _QFIELDS if getattr(leaf, k) is not None})
+    if isinstance(leaf, QuantizedTensor):
+      cls = type(leaf)
+      qmeta[path] = {"type": cls.__name__, **{k: getattr(leaf, k) for k in static_fields(cls)}}
+      flat.update({f"{path}/{k}": getattr(leaf, k) for k in data_fields(cls) if getattr(leaf, k) is not None})
     else:
       flat[path] = leaf
   tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -96,12 +96,15 @@ def read_meta(path) -> dict:
 
 
 def load_params(path) -> tuple[dict, dict]:
-  """``(params, meta)`` from a checkpoint written by :func:`save` (QArrays rebuilt from metadata)."""
+  """``(params, meta)`` from a checkpoint written by :func:`save` (quantized tensors rebuilt from metadata)."""
   path = Path(path).resolve()
   meta = read_meta(path)
   flat = tree.flatten(ocp.StandardCheckpointer().restore(path / "params"))
   for qpath, static in meta["qarrays"].items():
-    fields = {k: flat.pop(f"{qpath}/{k}", None) for k in _QFIELDS}
-    static = {**static, "shape": tuple(static["shape"])}
-    flat[qpath] = QArray(**fields, **static)
-  return tree.unflatten({k: (v if isinstance(v, QArray) else jnp.asarray(v)) for k, v in flat.items()}), meta
+    static = dict(static)
+    cls = QUANTIZED_TYPES[static.pop("type")]
+    fields = {k: (None if f"{qpath}/{k}" not in flat else jnp.asarray(flat.pop(f"{qpath}/{k}")))
+              for k in data_fields(cls)}
+    static = {k: tuple(v) if isinstance(v, list) else v for k, v in static.items()}
+    flat[qpath] = cls(**fields, **static)
+  return tree.unflatten({k: (v if isinstance(v, QuantizedTensor) else jnp.asarray(v)) for k, v in flat.items()}), meta

@@ -17,7 +17,7 @@ from qjax import assets, checkpoint, cli, data, perplexity, size
 from qjax.errors import InputError
 from qjax.kernels.qmatmul import path_name
 from qjax.methods import rtn
-from qjax.qarray import QArray
+from qjax.qarray import is_quantized
 
 METHODS = ("none", "rtn")
 PROG = "python -m qjax.quantize"
@@ -113,8 +113,8 @@ def run(argv=None) -> int:
     checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
                     overwrite=args.overwrite)
   rep = size.size_report(qparams)
-  paths = sorted({path_name(l) for l in jax.tree_util.tree_leaves(qparams, is_leaf=lambda x: isinstance(x, QArray))
-                  if isinstance(l, QArray)}) or ["dense"]
+  paths = sorted({path_name(l) for l in jax.tree_util.tree_leaves(qparams, is_leaf=is_quantized)
+                  if is_quantized(l)}) or ["dense"]
   tps = [r.tokens_per_second for r in results.values()]
   out = {
       "ppl": {n: r.ppl for n, r in results.items()},

@@ -6,14 +6,14 @@ import dataclasses
 import numpy as np
 
 from qjax import tree
-from qjax.qarray import QArray
+from qjax.qarray import QuantizedTensor
 
 
 @dataclasses.dataclass(frozen=True)
 class SizeReport:
-  quantized_bytes: int     # QArray leaves at their stored size + every other tensor at 16 bits
+  quantized_bytes: int     # quantized tensors at their stored size + every other tensor at 16 bits
   fp16_bytes: int          # every parameter at 16 bits
-  bits_per_weight: float   # over quantized matrices: 8 * (codes + scales + zeros + perm bytes) / weights
+  bits_per_weight: float   # over quantized matrices: 8 * (all stored bytes: codes, scales, zeros, ...) / weights
   quantized_weights: int
   total_weights: int
 
@@ -28,7 +28,7 @@ class SizeReport:
 def size_report(params) -> SizeReport:
   qbytes = qweights = other = 0
   for leaf in tree.flatten(params).values():
-    if isinstance(leaf, QArray):
+    if isinstance(leaf, QuantizedTensor):
       qbytes += leaf.nbytes
       qweights += leaf.size
     else:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import jax
 
-from qjax.qarray import is_qarray
+from qjax.qarray import is_quantized
 
 
 def path_str(keypath) -> str:
@@ -15,8 +15,8 @@ def path_str(keypath) -> str:
 
 
 def flatten(params) -> dict:
-  """``{path: leaf}`` with QArrays kept whole."""
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]
+  """``{path: leaf}`` with quantized tensors (QArray, ...) kept whole."""
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
   return {path_str(kp): v for kp, v in leaves}
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from qjax import tree, uniform
 from qjax.models.families import DECODER_LINEARS
-from qjax.qarray import QArray, is_qarray
+from qjax.qarray import QArray, is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ def quantize_weight(w: jax.Array, *, bits: int, group_size: int = -1, sym: bool 
 def quantize(params, config: RTNConfig = RTNConfig(), progress: bool = True):
   """Returns a new parameter tree with each targeted dense weight replaced by its RTN QArray."""
   flat = tree.flatten(params)
-  paths = [p for p in tree.matching(params, config.targets) if not is_qarray(flat[p])]
+  paths = [p for p in tree.matching(params, config.targets) if not is_quantized(flat[p])]
   bar = tqdm(paths, desc=f"RTN W{config.bits}", disable=not progress, leave=False)
   fn = lambda p, w: quantize_weight(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
                                     scale_dtype=config.scale_dtype)
