@@ -42,22 +42,6 @@ def add_model_args(p: argparse.ArgumentParser):
   p.add_argument("--seed", type=int, default=0)
 
 
-def add_quant_args(p: argparse.ArgumentParser, methods):
-  p.add_argument("--method", default="none", choices=methods, help="weight quantization method")
-  p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
-  p.add_argument("--groupsize", type=int, default=-1, help="input columns per group; -1 = per output channel")
-  p.add_argument("--sym", action="store_true", help="symmetric weight quantization (default asymmetric)")
-
-
-def validate_quant_args(args):
-  if not 2 <= args.wbits <= 8:
-    raise InputError(f"--wbits must be between 2 and 8, got {args.wbits}")
-  if args.groupsize == 0 or args.groupsize < -1:
-    raise InputError(f"--groupsize must be -1 (per channel) or a positive number of columns, got {args.groupsize}")
-  if args.load and args.method != "none":
-    raise InputError("--load reads an already quantized checkpoint; use --model to quantize again")
-
-
 def model_dir(args) -> Path:
   """The folder holding config.json and tokenizer files."""
   return Path(args.load) if args.load else Path(args.model) if args.model else assets.asset(assets.DEFAULT_MODEL)

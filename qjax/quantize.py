@@ -6,27 +6,24 @@ Example (the ``make demo`` run)::
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import jax
 
-from qjax import assets, checkpoint, cli, data, perplexity, size
+from qjax import assets, checkpoint, cli, data, method_cli, perplexity, size
 from qjax.errors import InputError
 from qjax.kernels.qmatmul import path_name
-from qjax.methods import rtn
 from qjax.qarray import is_quantized
 
-METHODS = ("none", "rtn")
 PROG = "python -m qjax.quantize"
 
 
 def build_parser() -> cli.Parser:
   p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
   cli.add_model_args(p)
-  cli.add_quant_args(p, METHODS)
+  method_cli.add_args(p)
   p.add_argument("--eval", default="ppl", choices=("ppl", "none"), help="evaluation to run")
   p.add_argument("--ppl-datasets", default="tinystories",
                  help=f"comma-separated named texts ({', '.join(assets.PPL_DATASETS)}) or 'none'")
@@ -57,7 +54,7 @@ def _texts(args) -> dict[str, Path]:
 
 
 def _validate(args):
-  cli.validate_quant_args(args)
+  method_cli.validate(args)
   if args.seqlen is not None and args.seqlen < 2:
     raise InputError(f"--seqlen must be at least 2, got {args.seqlen}")
   if args.eval_nsamples is not None and args.eval_nsamples < 1:
@@ -72,13 +69,6 @@ def _validate(args):
     raise InputError(f"--json file {args.json} already exists (pass --overwrite to replace it)")
   if args.json and not Path(args.json).resolve().parent.is_dir():
     raise InputError(f"parent folder of --json file {args.json} does not exist")
-
-
-def quantize_params(args, params):
-  if args.method == "rtn":
-    cfg = rtn.RTNConfig(bits=args.wbits, group_size=args.groupsize, sym=args.sym)
-    return rtn.quantize(params, cfg, progress=not args.no_progress), dataclasses.asdict(cfg)
-  return params, {}
 
 
 def run(argv=None) -> int:
@@ -96,12 +86,16 @@ def run(argv=None) -> int:
     if len(tokens[name]) < seqlen:  # fail before any long work
       raise InputError(f"text {name!r} has {len(tokens[name])} tokens, fewer than one window of seqlen {seqlen}")
   source_dir = cli.model_dir(args)
+  cfg = method_cli.config(args)
+  method_cli.validate_for_model(args, model, params, cfg)
+  calib = (method_cli.calibration_data(args, model, tok, args.seed) if args.method in method_cli.CALIBRATED
+           else None)
 
   t0 = time.perf_counter()
-  qparams, method_cfg = quantize_params(args, params)
+  qparams, report = method_cli.run(args, cfg, params, calib, not args.no_progress)
   jax.block_until_ready(qparams)
   quant_seconds = time.perf_counter() - t0
-  method = {"name": args.method, "config": method_cfg} if not args.load else meta["method"]
+  method = {"name": args.method, "config": method_cli.config_dict(cfg)} if not args.load else meta["method"]
 
   def evaluate(p, tag):
     return {n: perplexity.perplexity(model, p, t, seqlen, args.eval_nsamples, args.batch_size,
@@ -129,6 +123,13 @@ def run(argv=None) -> int:
   }
   if args.baseline:
     out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
+  if report is not None:
+    out["calibration"] = {
+        "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1]),
+        "seconds": report.seconds, "peak_host_bytes": report.peak_host_bytes,
+        "activation_bytes": report.activation_bytes,
+        "layers": [{"layer": l.layer, "seconds": l.seconds, "output_rel_error": l.output_rel_error,
+                    "linear_losses": l.linear_losses} for l in report.layers]}
   _print_summary(out, results, baseline, method["name"])
   if args.json:
     cli.write_json(args.json, out)
@@ -136,6 +137,13 @@ def run(argv=None) -> int:
 
 
 def _print_summary(out, results, baseline, method):
+  if "calibration" in out:
+    c = out["calibration"]
+    print(cli.format_table(["layer", "rel. output error", "sum of losses", "seconds"], [
+        [l["layer"], f"{l['output_rel_error']:.3e}", f"{sum(l['linear_losses'].values()):.4g}", f"{l['seconds']:.2f}"]
+        for l in c["layers"]]))
+    print(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['seconds']:.1f} s, activations "
+          f"{c['activation_bytes'] / 2**20:.1f} MiB, peak host memory {c['peak_host_bytes'] / 2**30:.2f} GiB\n")
   rows = []
   for n, r in results.items():
     b = baseline.get(n)

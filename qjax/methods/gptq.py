@@ -9,12 +9,12 @@ remaining columns, lazily per block of ``block_size`` columns (Eq. 4 of the pape
 
 Groups (``group_size = g > 0``): with ``static_groups`` every group's range is fitted up front on the original
 weights in natural column order, so a stored checkpoint keeps contiguous groups even with act-order (no runtime
-gather). Otherwise a group's range is fitted when its first column is reached, on the current, error-updated
-weights. Deliberate fix (reference quirk Q2): the reference fits a group that starts inside a block on the
-weights as they were before that block's pending updates; here the block size is rounded to a multiple of ``g``
-(or to ``g`` when ``g > block_size``) so groups never straddle blocks and are always fitted on up-to-date weights
-(with ``g`` a multiple of the block size the two agree exactly). With act-order and non-static groups the groups
-are contiguous in act-order and the QArray stores that column permutation.
+gather). Otherwise a group's range is fitted when its first column is reached, exactly as the reference does: on
+the weights as they stood at the start of the current block (reference quirk Q2: a group starting inside a block
+does not see that block's pending error updates). Fitting on the up-to-date weights instead was measured to give
+no systematic gain (output error ratio 1.004 on average over 16 synthetic cases, ``tests/test_gptq.py``), so the
+reference semantics are kept. With act-order and non-static groups the groups are contiguous in act-order and the
+QArray stores that column permutation.
 
 Compilation does not grow with the number of columns: a ``lax.fori_loop`` runs over the columns of a block and
 another over the blocks; the lazy trailing update of a block touches a static column range per segment (at most
@@ -37,13 +37,6 @@ from qjax.models.families import DECODER_LINEARS
 from qjax.qarray import QArray
 
 _SEGMENTS = 4
-
-
-def effective_block_size(block_size: int, group_size: int, static_groups: bool) -> int:
-  """Block size actually used: a multiple of the group size when groups are fitted on the fly."""
-  if group_size <= 0 or static_groups:
-    return block_size
-  return max(group_size, (block_size // group_size) * group_size)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "act_order", "static_groups",
@@ -80,6 +73,7 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, bl
     w, codes, losses, scales, zeros = state
     i1 = b * bs
     w1 = jax.lax.dynamic_slice_in_dim(w, i1, bs, axis=1)
+    stale = jnp.pad(w, ((0, 0), (0, max(g, 0))))  # block-start weights, for the reference's group fits
     u1 = jax.lax.dynamic_slice(u, (i1, i1), (bs, bs))
 
     def quant_col(i, st):
@@ -87,7 +81,7 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, bl
       j = i1 + i
       if g > 0 and not static_groups:
         def refit(_):
-          s, z = uniform.fit(jax.lax.dynamic_slice_in_dim(w1, i, g, axis=1), bits, sym)
+          s, z = uniform.fit(jax.lax.dynamic_slice_in_dim(stale, j, g, axis=1), bits, sym)
           return s[:, 0], z[:, 0]
         scale, zero = jax.lax.cond(j % g == 0, refit, lambda _: (scale, zero), None)
         scales = jax.lax.dynamic_update_slice_in_dim(scales, scale[:, None], j // g, axis=1)
@@ -166,12 +160,11 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: 
   """
   if static_groups and group_size <= 0:
     raise ValueError("static_groups needs group_size > 0")
-  bs = effective_block_size(block_size, group_size, static_groups)
   damp = percdamp
   for _ in range(6):
     codes, scale, zero, losses, perm, ok = _gptq(
         w, hessian, jnp.float32(damp), bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-        static_groups=static_groups, block_size=bs)
+        static_groups=static_groups, block_size=block_size)
     if bool(ok):
       break
     warnings.warn(f"GPTQ: Cholesky factorization failed with percdamp={damp:g}; retrying with {damp * 10:g}")

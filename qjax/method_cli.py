@@ -1,0 +1,137 @@
+"""Command-line wiring of the weight quantization methods, shared by every entry point that quantizes
+(``qjax.quantize`` now, ``qjax.generate`` later): flags, up-front validation, config construction, calibration
+data and the call into each method's model-level transform."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+from qjax import assets, calibration, data, tree
+from qjax.errors import InputError
+from qjax.methods import gptq, rtn
+
+METHODS = ("none", "rtn", "gptq", "spqr")
+CALIBRATED = ("gptq", "spqr")
+
+
+def add_args(p: argparse.ArgumentParser):
+  g = p.add_argument_group("weight quantization")
+  g.add_argument("--method", default="none", choices=METHODS, help="weight quantization method")
+  g.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+  g.add_argument("--groupsize", type=int, default=-1, help="input columns per group; -1 = per output channel")
+  g.add_argument("--sym", action="store_true", help="symmetric weight quantization (default asymmetric)")
+  c = p.add_argument_group("calibration (gptq, spqr)")
+  src = c.add_mutually_exclusive_group()
+  src.add_argument("--calib-text", help="calibration text file")
+  src.add_argument("--calib-dataset", default="tinystories",
+                   help=f"named calibration text ({', '.join(assets.CALIB_DATASETS)}; default tinystories)")
+  c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+  c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 2048 capped at the model context)")
+  c.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean(diag H)")
+  c.add_argument("--act-order", action="store_true", help="quantize columns by descending diag(H)")
+  c.add_argument("--static-groups", action="store_true", help="fit all groups up front (contiguous with act-order)")
+  c.add_argument("--true-sequential", action="store_true", help="quantize sub-groups in order, re-collecting inputs")
+  c.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block (default 128)")
+  s = p.add_argument_group("SpQR")
+  s.add_argument("--qq-scale-bits", type=int, default=3, help="bits of the 2nd-level scale quantization")
+  s.add_argument("--qq-zero-bits", type=int, default=3, help="bits of the 2nd-level zero quantization")
+  s.add_argument("--qq-groupsize", type=int, default=16, help="output rows sharing 2nd-level statistics")
+  s.add_argument("--outlier-threshold", type=float, default=math.inf, help="relative outlier threshold (inf: none)")
+  s.add_argument("--simplified-outliers", action="store_true", help="skip leave-one-out outlier pre-detection")
+
+
+def validate(args):
+  """Checks that need no model (run before any loading)."""
+  if not 2 <= args.wbits <= 8:
+    raise InputError(f"--wbits must be between 2 and 8, got {args.wbits}")
+  if args.groupsize == 0 or args.groupsize < -1:
+    raise InputError(f"--groupsize must be -1 (per channel) or a positive number of columns, got {args.groupsize}")
+  if getattr(args, "load", None) and args.method != "none":
+    raise InputError("--load reads an already quantized checkpoint; use --model to quantize again")
+  if args.method not in CALIBRATED:
+    return
+  if args.static_groups and args.groupsize <= 0:
+    raise InputError("--static-groups needs groups (--groupsize > 0)")
+  if args.nsamples < 1:
+    raise InputError(f"--nsamples must be positive, got {args.nsamples}")
+  if args.calib_seqlen is not None and args.calib_seqlen < 2:
+    raise InputError(f"--calib-seqlen must be at least 2, got {args.calib_seqlen}")
+  if not args.percdamp > 0:
+    raise InputError(f"--percdamp must be positive, got {args.percdamp}")
+  if args.block_size < 1:
+    raise InputError(f"--block-size must be positive, got {args.block_size}")
+  if args.calib_text:
+    if not Path(args.calib_text).is_file():
+      raise InputError(f"--calib-text file {args.calib_text} does not exist")
+  else:
+    assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)
+  if args.method == "spqr":
+    for flag in ("qq_scale_bits", "qq_zero_bits"):
+      if not 1 <= getattr(args, flag) <= 8:
+        raise InputError(f"--{flag.replace('_', '-')} must be between 1 and 8, got {getattr(args, flag)}")
+    if args.groupsize <= 0:
+      raise InputError("SpQR needs groups (--groupsize > 0)")
+    if args.qq_groupsize < 1:
+      raise InputError(f"--qq-groupsize must be positive, got {args.qq_groupsize}")
+    if not args.outlier_threshold > 0:
+      raise InputError(f"--outlier-threshold must be positive, got {args.outlier_threshold}")
+
+
+def config(args):
+  """The method's frozen config dataclass (None for ``--method none``)."""
+  common = dict(bits=args.wbits, group_size=args.groupsize)
+  if args.method == "rtn":
+    return rtn.RTNConfig(**common, sym=args.sym)
+  if args.method == "gptq":
+    return gptq.GPTQConfig(**common, sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
+                           percdamp=args.percdamp, block_size=args.block_size, true_sequential=args.true_sequential)
+  if args.method == "spqr":
+    from qjax.methods import spqr
+    return spqr.SpQRConfig(**common, qq_scale_bits=args.qq_scale_bits, qq_zero_bits=args.qq_zero_bits,
+                           qq_groupsize=args.qq_groupsize, outlier_threshold=args.outlier_threshold,
+                           act_order=args.act_order, percdamp=args.percdamp,
+                           simplified_outliers=args.simplified_outliers, true_sequential=args.true_sequential,
+                           block_size=args.block_size)
+  return None
+
+
+def validate_for_model(args, model, params, cfg):
+  """Checks that need the architecture (still before any long work)."""
+  if args.method == "spqr":
+    for p in tree.matching(params, cfg.targets):
+      out = tree.flatten(params)[p].shape[0]
+      if out % args.qq_groupsize:
+        raise InputError(f"--qq-groupsize {args.qq_groupsize} does not divide the output width {out} of {p}")
+
+
+def calibration_data(args, model, tokenizer, seed: int) -> calibration.Calibration:
+  seqlen = args.calib_seqlen or min(2048, model.config.max_position_embeddings)
+  if seqlen > model.config.max_position_embeddings:
+    raise InputError(f"--calib-seqlen {seqlen} exceeds the model context ({model.config.max_position_embeddings})")
+  path = args.calib_text or assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)
+  tokens = data.tokenize(tokenizer, data.read_text(path))
+  calibration.check_memory_budget(model, args.nsamples, seqlen)
+  return calibration.Calibration(model, data.calibration_windows(tokens, args.nsamples, seqlen, seed))
+
+
+def run(args, cfg, params, calib, progress: bool):
+  """``(params, report)``: the method's transform; report is a CalibrationReport or None."""
+  if args.method == "rtn":
+    return rtn.quantize(params, cfg, progress=progress), None
+  if args.method == "gptq":
+    return gptq.quantize_with_report(params, cfg, calib, progress=progress)
+  if args.method == "spqr":
+    from qjax.methods import spqr
+    return spqr.quantize_with_report(params, cfg, calib, progress=progress)
+  return params, None
+
+
+def config_dict(cfg) -> dict:
+  if cfg is None:
+    return {}
+  d = dataclasses.asdict(cfg)
+  d["targets"] = list(d.get("targets", ()))
+  return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+
