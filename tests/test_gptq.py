@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import hf_reference
 from qjax import calibration, models, tree
 from qjax.methods import gptq, rtn
 from qjax.qarray import QArray
@@ -109,14 +110,21 @@ FLAGS = [dict(zip(("group_size", "sym", "act_order", "static_groups", "true_sequ
          if not (c[3] and c[0] == -1)]
 
 
-@pytest.mark.parametrize("fixture", ["llama_dir", "opt_dir"])
-def test_model_level_every_flag_combination(request, fixture):
-  model, params = models.load(request.getfixturevalue(fixture))
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_model_level_every_flag_combination(tmp_path, family):
+  """Every flag combination (LLaMA; OPT a spread of them) on one-layer models whose linears are all 64 x 64, so
+  each combination compiles the GPTQ core once."""
+  if family == "llama":
+    path = hf_reference.make_llama_checkpoint(tmp_path, num_hidden_layers=1, intermediate_size=64,
+                                              num_key_value_heads=4)
+  else:
+    path = hf_reference.make_opt_checkpoint(tmp_path, num_hidden_layers=1, ffn_dim=64)
+  model, params = models.load(path)
   windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 24)).astype(np.int32)
   calib = calibration.Calibration(model, windows)
   ids = windows[:1]
   fp_logits = np.asarray(model.apply(params, ids)[0])
-  for flags in FLAGS:
+  for flags in FLAGS if family == "llama" else FLAGS[::4]:  # OPT: a spread of 6 of the 24
     q, report = gptq.quantize_with_report(params, gptq.GPTQConfig(bits=4, **flags), calib, progress=False)
     quantized = [v for v in tree.flatten(q).values() if isinstance(v, QArray)]
     assert len(quantized) == len(model.family.linears) * model.config.num_layers
