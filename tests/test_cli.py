@@ -97,6 +97,10 @@ BAD = {
     "json_parent_missing": (["--json", "{t}/no-dir/out.json"], ["no-dir", "does not exist"]),
     "batch_size_negative": (["--batch-size", "-1"], ["--batch-size", "-1"]),
     "seqlen_beyond_context": (["--seqlen", "4096"], ["4096", "context", "512"]),
+    "static_groups_without_groups": (["--method", "gptq", "--static-groups"], ["--static-groups", "groupsize"]),
+    "calib_text_missing": (["--method", "gptq", "--calib-text", "{t}/no-calib.txt"], ["no-calib.txt", "does not exist"]),
+    "calib_too_short": (["--method", "gptq", "--calib-text", "{t}/short.txt", "--calib-seqlen", "64"],
+                        ["calibration text", "64"]),
 }
 # Cases that need the random checkpoints (they are built while the other runs are already going).
 NEEDS_CHECKPOINTS = {"unsupported_model_type", "nan_weights", "inf_weights", "text_shorter_than_window"}
@@ -161,6 +165,8 @@ def runs(request, tmp_path_factory):
     if case == "no_config":
       (t / "empty").mkdir()
       (t / "empty" / "model.safetensors").write_bytes(b"")
+    if case == "calib_too_short":
+      (t / "short.txt").write_text("Once upon a time.")
     if case == "save_exists":
       (t / "existing").mkdir()
       (t / "existing" / "keep.txt").write_text("keep me")
