@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from qjax import tree
 from qjax.errors import InputError
 from qjax.models import CausalLM, layers
-from qjax.models.attention import masks_and_positions
+from qjax.models.decoder import masks_and_positions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,35 +38,3 @@ class SelfAttention(nn.Module):
       k, v, layer_cache = layer_cache.update(k, v, cache_index)
     o = layers.attention(q, k, v, mask, d**-0.5, self.hooks).reshape(b, t, h * d)
     return lin(self.out_name, h * d, c.hidden_size)(o), layer_cache
-
-
-def masks_and_positions(attention_mask, positions, cache):
-  """Attention mask, RoPE/learned positions and updated cache bookkeeping for a forward call.
-
-  ``attention_mask [b, t]`` (1 = token, 0 = padding). Default positions count real tokens (left padding gets
-  position 0 repeatedly), offset by the tokens already in the cache.
-  """
-  if cache is None:
-    mask = layers.causal_mask(attention_mask)
-    valid, index = None, None
-    past = 0
-  else:
-    mask, valid = cache.append_mask(attention_mask)
-    index = cache.length
-    past = jnp.sum(cache.valid, axis=1, keepdims=True)
-  if positions is None:
-    positions = past + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-  return mask, positions.astype(jnp.int32), valid, index
-
-
-def finish_cache(cache, new_layers, valid, t):
-  if cache is None:
-    return None
-  return type(cache)(tuple(new_layers), valid, cache.length + t)
-
-
-
-
-def jax_ones(ids):
-  """Default attention mask: every token real."""
-  return jnp.ones(ids.shape, jnp.int32)

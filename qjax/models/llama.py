@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from qjax.models import layers
-from qjax.models.attention import SelfAttention, finish_cache, jax_ones, masks_and_positions
+from qjax.models.attention import SelfAttention
+from qjax.models.decoder import CausalLM, run_decoder
 from qjax.models.config import ModelConfig
 
 
@@ -57,38 +58,16 @@ class LlamaModel(nn.Module):
     """Input of decoder layer 0: ``[b, t, hidden]``."""
     return self.embed_tokens(input_ids)
 
+  def finalize(self, x):
+    return self.norm(x)
+
+  def tied_logits(self, x):
+    return self.embed_tokens.attend(x)
+
   def __call__(self, input_ids, attention_mask, positions, cache):
-    mask, positions, valid, index = masks_and_positions(attention_mask, positions, cache)
-    x = self.embed(input_ids, positions)
-    new_layers = []
-    for i, layer in enumerate(self.layers):
-      x, lc = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
-      new_layers.append(lc)
-    return self.norm(x), finish_cache(cache, new_layers, valid, input_ids.shape[1])
+    return run_decoder(self, input_ids, attention_mask, positions, cache)
 
 
-class LlamaForCausalLM(nn.Module):
-  """``(input_ids [b, t], attention_mask [b, t] | None, positions | None, cache | None) -> (logits float32
-  [b, t, vocab], cache)``."""
-  config: ModelConfig
-  hooks: layers.ActivationHooks = layers.ActivationHooks()
-  dtype: jnp.dtype = jnp.float32
-
-  def setup(self):
-    c = self.config
-    self.model = LlamaModel(c, self.hooks, self.dtype)
-    if not c.tie_word_embeddings:
-      self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, False, self.dtype)
-
-  def embed(self, input_ids, positions):
-    return self.model.embed(input_ids, positions)
-
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-    if attention_mask is None:
-      attention_mask = jax_ones(input_ids)
-    x, cache = self.model(input_ids, attention_mask, positions, cache)
-    if self.config.tie_word_embeddings:
-      logits = self.model.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    return logits.astype(jnp.float32), cache
+class LlamaForCausalLM(CausalLM):
+  """LLaMA causal LM; see :class:`qjax.models.decoder.CausalLM` for the call signature."""
+  backbone = LlamaModel

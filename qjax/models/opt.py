@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from qjax.models import layers
-from qjax.models.attention import SelfAttention, finish_cache, jax_ones, masks_and_positions
+from qjax.models.attention import SelfAttention
+from qjax.models.decoder import CausalLM, run_decoder
 from qjax.models.config import ModelConfig
 
 POSITION_OFFSET = 2
@@ -66,18 +67,16 @@ class OPTDecoder(nn.Module):
       x = self.project_in(x)
     return x + self.embed_positions(positions + POSITION_OFFSET)
 
-  def __call__(self, input_ids, attention_mask, positions, cache):
-    mask, positions, valid, index = masks_and_positions(attention_mask, positions, cache)
-    x = self.embed(input_ids, positions)
-    new_layers = []
-    for i, layer in enumerate(self.layers):
-      x, lc = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
-      new_layers.append(lc)
+  def finalize(self, x):
     if self.config.final_layer_norm:
       x = self.final_layer_norm(x)
-    if self.projected:
-      x = self.project_out(x)
-    return x, finish_cache(cache, new_layers, valid, input_ids.shape[1])
+    return self.project_out(x) if self.projected else x
+
+  def tied_logits(self, x):
+    return self.embed_tokens.attend(x)
+
+  def __call__(self, input_ids, attention_mask, positions, cache):
+    return run_decoder(self, input_ids, attention_mask, positions, cache)
 
 
 class OPTModel(nn.Module):
@@ -91,31 +90,16 @@ class OPTModel(nn.Module):
   def embed(self, input_ids, positions):
     return self.decoder.embed(input_ids, positions)
 
+  def tied_logits(self, x):
+    return self.decoder.tied_logits(x)
+
   def __call__(self, *args):
     return self.decoder(*args)
 
 
-class OPTForCausalLM(nn.Module):
-  """Same call signature as :class:`qjax.models.llama.LlamaForCausalLM`."""
-  config: ModelConfig
-  hooks: layers.ActivationHooks = layers.ActivationHooks()
-  dtype: jnp.dtype = jnp.float32
+class OPTForCausalLM(CausalLM):
+  """OPT causal LM; see :class:`qjax.models.decoder.CausalLM` for the call signature."""
+  backbone = OPTModel
 
-  def setup(self):
-    c = self.config
-    self.model = OPTModel(c, self.hooks, self.dtype)
-    if not c.tie_word_embeddings:
-      self.lm_head = layers.Linear(c.word_embed_proj_dim, c.vocab_size, False, self.dtype)
-
-  def embed(self, input_ids, positions):
-    return self.model.embed(input_ids, positions)
-
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-    if attention_mask is None:
-      attention_mask = jax_ones(input_ids)
-    x, cache = self.model(input_ids, attention_mask, positions, cache)
-    if self.config.tie_word_embeddings:
-      logits = self.model.decoder.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    return logits.astype(jnp.float32), cache
+  def head_features(self) -> int:
+    return self.config.word_embed_proj_dim

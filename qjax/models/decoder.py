@@ -1,0 +1,76 @@
+"""What the families share: the decoder-stack loop (masks, positions, per-layer KV caches) and the causal-LM head
+(tied or untied output projection). A family supplies a backbone with ``embed``, ``layers``, ``finalize`` and
+``tied_logits``."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qjax.models import layers
+from qjax.models.config import ModelConfig
+
+
+def masks_and_positions(attention_mask, positions, cache):
+  """Attention mask, positions and cache bookkeeping for a forward call.
+
+  ``attention_mask [b, t]`` (1 = token, 0 = padding). Default positions count real tokens (left padding gets
+  position 0 repeatedly), offset by the tokens already in the cache. Returns ``(mask [b, t, s], positions [b, t]
+  int32, new cache validity or None, cache write index or None)``.
+  """
+  if cache is None:
+    mask = layers.causal_mask(attention_mask)
+    valid, index, past = None, None, 0
+  else:
+    mask, valid = cache.append_mask(attention_mask)
+    index = cache.length
+    past = jnp.sum(cache.valid, axis=1, keepdims=True)
+  if positions is None:
+    positions = past + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  return mask, positions.astype(jnp.int32), valid, index
+
+
+def run_decoder(backbone, input_ids, attention_mask, positions, cache):
+  """``embed -> layers -> finalize`` with per-layer caches. Returns ``(hidden [b, t, d], new cache or None)``."""
+  mask, positions, valid, index = masks_and_positions(attention_mask, positions, cache)
+  x = backbone.embed(input_ids, positions)
+  new_layers = []
+  for i, layer in enumerate(backbone.layers):
+    x, lc = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
+    new_layers.append(lc)
+  x = backbone.finalize(x)
+  if cache is None:
+    return x, None
+  return x, type(cache)(tuple(new_layers), valid, cache.length + input_ids.shape[1])
+
+
+class CausalLM(nn.Module):
+  """Backbone (at param path ``model``) + output projection (``lm_head`` or tied to the token embedding).
+
+  ``(input_ids [b, t], attention_mask [b, t] | None, positions [b, t] | None, cache | None) -> (logits float32
+  [b, t, vocab], cache)``; ``embed(input_ids, positions)`` gives the input of decoder layer 0.
+  """
+  config: ModelConfig
+  hooks: layers.ActivationHooks = layers.ActivationHooks()
+  dtype: jnp.dtype = jnp.float32
+  backbone: ClassVar[type]
+
+  def head_features(self) -> int:
+    return self.config.hidden_size
+
+  def setup(self):
+    c = self.config
+    self.model = self.backbone(c, self.hooks, self.dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = layers.Linear(self.head_features(), c.vocab_size, False, self.dtype)
+
+  def embed(self, input_ids, positions):
+    return self.model.embed(input_ids, positions)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    x, cache = self.model(input_ids, attention_mask, positions, cache)
+    logits = self.model.tied_logits(x) if self.config.tie_word_embeddings else self.lm_head(x)
+    return logits.astype(jnp.float32), cache
