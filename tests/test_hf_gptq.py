@@ -109,7 +109,7 @@ def test_unrepresentable_qarrays_are_named():
   assert "output width 60" in why(rtn_qarray(w[:60], 4, 32, False))
   assert "act-order" in why(rtn_qarray(w, 4, 32, False, rng.permutation(96)))
   assert why(rtn_qarray(w, 4, -1, False, rng.permutation(96)), group_size=-1) is None  # one group: order is free
-  assert "zero point of 0" in why(rtn_qarray(jnp.abs(w), 4, 32, False))  # all-positive groups: zero 0
+  assert "zero point outside 1..16" in why(rtn_qarray(jnp.abs(w), 4, 32, False))  # all-positive groups: zero 0
 
 
 def test_import_rejects_unequal_groups():
@@ -190,10 +190,10 @@ def test_llama_round_trip(tmp_path, llama_dir, case):
       assert_same(fq[p].dequantize(), fb[p])
     else:
       assert_same(fq[p], fb[p])
-  assert model2 == model
+  # eager: each weight is materialized by the same ops, so logits are bit-identical (under jit, XLA may fuse a
+  # QArray's dequantization into the matmul differently than a dense weight's and differ in the last ulp)
   ids = np.arange(24, dtype=np.int32).reshape(2, 12) % model.config.vocab_size
-  logits = jax.jit(lambda p: model.apply(p, ids)[0])  # compiled once when both trees have the same structure
-  np.testing.assert_array_equal(np.asarray(logits(q)), np.asarray(logits(back)))
+  np.testing.assert_array_equal(np.asarray(model.apply(q, ids)[0]), np.asarray(model2.apply(back, ids)[0]))
 
 
 def test_stories_round_trip_excludes_ffn(tmp_path, stories_dir):

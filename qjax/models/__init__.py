@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qjax import hf_gptq
 from qjax.models import hf
 from qjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qjax.models.families import FAMILIES, Family
@@ -65,6 +66,6 @@ def load(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
   """Loads a local HF folder (``config.json`` + safetensors) -> ``(model, params)``."""
   config = ModelConfig.from_dir(path)
   model = CausalLM(config, dtype)
-  params = hf.load_params(path, hf.abstract_shapes(model.module, hf.DTYPES[dtype]), dtype,
-                          tied=config.tie_word_embeddings)
+  loader = hf_gptq.load_gptq_params if hf_gptq.is_gptq_checkpoint(path) else hf.load_params
+  params = loader(path, hf.abstract_shapes(model.module, hf.DTYPES[dtype]), dtype, tied=config.tie_word_embeddings)
   return model, params

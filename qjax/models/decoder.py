@@ -45,7 +45,7 @@ def run_decoder(backbone, input_ids, attention_mask, positions, cache):
   return x, type(cache)(tuple(new_layers), valid, cache.length + input_ids.shape[1])
 
 
-class CausalLM(nn.Module):
+class CausalLMModule(nn.Module):
   """Backbone (at param path ``model``) + output projection (``lm_head`` or tied to the token embedding).
 
   ``(input_ids [b, t], attention_mask [b, t] | None, positions [b, t] | None, cache | None) -> (logits float32

@@ -47,17 +47,21 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
   return out
 
 
-def load_params(path, expected_shapes: dict[str, tuple], dtype: str, tied: bool) -> dict:
-  """Parameter pytree for ``expected_shapes`` (``{path: shape}``, from the architecture) in ``dtype``."""
-  path = Path(path)
+def dense_params(path: Path, tensors: dict[str, np.ndarray], tied: bool) -> dict[str, np.ndarray]:
+  """``{param path: array}`` of HF ``tensors`` (rotary buffers and a tied ``lm_head`` dropped), checked finite."""
   flat = {}
-  for key, arr in read_tensors(path).items():
+  for key, arr in tensors.items():
     p = hf_to_path(key)
     if p.endswith("rotary_emb/inv_freq") or (tied and p == "lm_head/weight"):
       continue
     if not np.all(np.isfinite(arr.astype(np.float32))):
       raise InputError(f"checkpoint tensor {key} in {path} contains NaN or Inf values")
     flat[p] = arr
+  return flat
+
+
+def check_shapes(path: Path, flat: dict, expected_shapes: dict[str, tuple]) -> None:
+  """Raises InputError unless ``flat`` (arrays or QArrays) has exactly the expected paths and shapes."""
   missing = sorted(set(expected_shapes) - set(flat))
   extra = sorted(set(flat) - set(expected_shapes))
   if missing or extra:
@@ -65,6 +69,13 @@ def load_params(path, expected_shapes: dict[str, tuple], dtype: str, tied: bool)
   for p, shape in expected_shapes.items():
     if tuple(flat[p].shape) != tuple(shape):
       raise InputError(f"checkpoint tensor {p} has shape {flat[p].shape}, config implies {tuple(shape)}")
+
+
+def load_params(path, expected_shapes: dict[str, tuple], dtype: str, tied: bool) -> dict:
+  """Parameter pytree for ``expected_shapes`` (``{path: shape}``, from the architecture) in ``dtype``."""
+  path = Path(path)
+  flat = dense_params(path, read_tensors(path), tied)
+  check_shapes(path, flat, expected_shapes)
   dt = DTYPES[dtype]
   return tree.unflatten({p: jnp.asarray(a, dtype=dt) for p, a in flat.items()})
 

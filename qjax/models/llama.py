@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from qjax.models import layers
 from qjax.models.attention import SelfAttention
-from qjax.models.decoder import CausalLM, run_decoder
+from qjax.models.decoder import CausalLMModule, run_decoder
 from qjax.models.config import ModelConfig
 
 
@@ -68,6 +68,6 @@ class LlamaModel(nn.Module):
     return run_decoder(self, input_ids, attention_mask, positions, cache)
 
 
-class LlamaForCausalLM(CausalLM):
-  """LLaMA causal LM; see :class:`qjax.models.decoder.CausalLM` for the call signature."""
+class LlamaForCausalLM(CausalLMModule):
+  """LLaMA causal LM; see :class:`qjax.models.decoder.CausalLMModule` for the call signature."""
   backbone = LlamaModel

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from qjax.models import layers
 from qjax.models.attention import SelfAttention
-from qjax.models.decoder import CausalLM, run_decoder
+from qjax.models.decoder import CausalLMModule, run_decoder
 from qjax.models.config import ModelConfig
 
 POSITION_OFFSET = 2
@@ -97,8 +97,8 @@ class OPTModel(nn.Module):
     return self.decoder(*args)
 
 
-class OPTForCausalLM(CausalLM):
-  """OPT causal LM; see :class:`qjax.models.decoder.CausalLM` for the call signature."""
+class OPTForCausalLM(CausalLMModule):
+  """OPT causal LM; see :class:`qjax.models.decoder.CausalLMModule` for the call signature."""
   backbone = OPTModel
 
   def head_features(self) -> int:
