@@ -3,7 +3,6 @@ import hashlib
 import json
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,14 +112,14 @@ def test_unrepresentable_qarrays_are_named():
 
 
 def test_import_rejects_unequal_groups():
-  qa = rtn_qarray(jnp.asarray(np.random.default_rng(0).normal(size=(32, 64)), jnp.float32), 4, 32, True)
+  qa = rtn_qarray(jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32), 4, 32, True)
   t = hf_gptq.gptq_tensors(qa)
   t["g_idx"] = t["g_idx"].copy()
   t["g_idx"][0] = 1  # group 1 gets 33 rows
   with pytest.raises(InputError, match=r"blk\.g_idx .*exactly 32"):
-    hf_gptq.from_gptq_tensors(t, (32, 64), bits=4, group_size=32, sym=True, dtype="float32", module="blk")
+    hf_gptq.from_gptq_tensors(t, (64, 64), bits=4, group_size=32, sym=True, dtype="float32", module="blk")
   with pytest.raises(InputError, match=r"blk\.qweight has shape"):
-    hf_gptq.from_gptq_tensors(t, (32, 64), bits=3, group_size=32, sym=True, dtype="float32", module="blk")
+    hf_gptq.from_gptq_tensors(t, (64, 64), bits=3, group_size=32, sym=True, dtype="float32", module="blk")
 
 
 # -------------------------------------------------------------------------------------- (b) model round trips
@@ -250,7 +249,8 @@ def test_folder_layout(tmp_path, opt_dir):
       assert (out / name).read_bytes() == (opt_dir / name).read_bytes()
 
   src, dst = read_safetensors(next(opt_dir.glob("*.safetensors"))), read_safetensors(out / "model.safetensors")
-  linears = {k.removesuffix(".weight") for k in src if re.search(r"layers\.\d+\.(self_attn\.\w+_proj|fc1|fc2)\.weight$", k)}
+  pattern = r".*layers\.\d+\.(self_attn\.\w+_proj|fc1|fc2)\.weight"
+  linears = {k.removesuffix(".weight") for k in src if re.fullmatch(pattern, k)}
   assert len(linears) == 6 * model.config.num_layers
   assert "lm_head.weight" not in src and "lm_head.weight" not in dst
   assert set(dst) == (set(src) - {f"{m}.weight" for m in linears}) | {f"{m}.{k}" for m in linears for k in PARTS}
