@@ -81,12 +81,10 @@ def unpack(packed: jax.Array, *, bits: int, n: int, axis: int = -1, dtype=jnp.ui
   x = jnp.moveaxis(packed, axis, -1).astype(jnp.uint32)
   nblk = x.shape[-1] // bits
   x = x.reshape(*x.shape[:-1], nblk, bits)
-  mask = np.uint32((1 << bits) - 1)
-  codes = []
-  for w, off, straddle in _slots(bits, word_bits):
-    c = x[..., w] >> off
-    if straddle:
-      c = c | (x[..., w + 1] << (word_bits - off))
-    codes.append(c & mask)
-  out = jnp.stack(codes, axis=-1).reshape(*x.shape[:-2], nblk * word_bits)[..., :n]
+  word, off, straddle = (np.array(v) for v in zip(*_slots(bits, word_bits)))
+  # One gather per word position and vectorized shifts over the block's code slots (cheap to compile).
+  lo = jnp.take(x, word, axis=-1) >> off.astype(np.uint32)
+  hi = jnp.take(x, np.minimum(word + 1, bits - 1), axis=-1) << (word_bits - off).astype(np.uint32)
+  codes = jnp.where(straddle, lo | hi, lo) & np.uint32((1 << bits) - 1)
+  out = codes.reshape(*x.shape[:-2], nblk * word_bits)[..., :n]
   return jnp.moveaxis(out.astype(dtype), -1, axis)
