@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 
-from qjax import assets, checkpoint, cli, data, method_cli, perplexity, size
+from qjax import assets, checkpoint, cli, data, hf_gptq, method_cli, perplexity, size
 from qjax.errors import InputError
 from qjax.kernels.qmatmul import path_name
 from qjax.qarray import is_quantized
@@ -33,6 +33,8 @@ def build_parser() -> cli.Parser:
   p.add_argument("--batch-size", type=int, help="windows per forward call (default: fits 256 MB of logits)")
   p.add_argument("--baseline", action="store_true", help="also evaluate the unquantized model")
   p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
+  p.add_argument("--export-gptq", metavar="DIR",
+                 help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn or gptq only")
   p.add_argument("--overwrite", action="store_true", help="allow --save/--json to replace existing paths")
   p.add_argument("--json", help="write the results as JSON to this file")
   p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -65,6 +67,10 @@ def _validate(args):
     raise InputError("--baseline needs the unquantized model: use --model, not --load")
   if args.save:
     checkpoint.check_destination(args.save, args.overwrite)
+  if args.export_gptq:
+    if args.method not in ("rtn", "gptq"):
+      raise InputError("--export-gptq needs --method rtn or gptq")
+    checkpoint.check_destination(args.export_gptq, args.overwrite)
   if args.json and Path(args.json).exists() and not args.overwrite:
     raise InputError(f"--json file {args.json} already exists (pass --overwrite to replace it)")
   if args.json and not Path(args.json).resolve().parent.is_dir():
@@ -106,6 +112,7 @@ def run(argv=None) -> int:
   if args.save:
     checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
                     overwrite=args.overwrite)
+  exported = _export_gptq(args, cfg, qparams, source_dir) if args.export_gptq else None
   rep = size.size_report(qparams)
   paths = sorted({path_name(l) for l in jax.tree_util.tree_leaves(qparams, is_leaf=is_quantized)
                   if is_quantized(l)}) or ["dense"]
@@ -123,6 +130,8 @@ def run(argv=None) -> int:
   }
   if args.baseline:
     out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
+  if exported is not None:
+    out["export_gptq"] = {k: exported[k] for k in ("path", "quantized", "excluded", "reasons")}
   if report is not None:
     out["calibration"] = {
         "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1]),
@@ -134,6 +143,17 @@ def run(argv=None) -> int:
   if args.json:
     cli.write_json(args.json, out)
   return 0
+
+
+def _export_gptq(args, cfg, qparams, source_dir):
+  extra = ({"damp_percent": cfg.percdamp, "static_groups": cfg.static_groups, "true_sequential": cfg.true_sequential}
+           if args.method == "gptq" else None)
+  summary = hf_gptq.export_gptq(args.export_gptq, qparams, source_dir=source_dir, bits=cfg.bits,
+                                group_size=cfg.group_size, sym=cfg.sym,
+                                desc_act=args.method == "gptq" and cfg.act_order, overwrite=args.overwrite,
+                                extra_config=extra)
+  summary["path"] = str(summary["path"])
+  return summary
 
 
 def _print_summary(out, results, baseline, method):
@@ -150,9 +170,16 @@ def _print_summary(out, results, baseline, method):
     rows.append([n, r.seqlen, len(r.nll), b.ppl if b else "-", r.ppl,
                  f"{(r.ppl / b.ppl - 1) * 100:+.2f}%" if b else "-", f"{r.tokens_per_second:,.0f}"])
   if rows:
-    print(cli.format_table(["dataset", "seqlen", "windows", "fp ppl", f"{method} ppl", "delta", "eval tok/s"], rows))
+    label = "ppl" if method == "none" else f"{method} ppl"
+    print(cli.format_table(["dataset", "seqlen", "windows", "fp ppl", label, "delta", "eval tok/s"], rows))
     print()
   s, t = out["size"], out["timing"]
+  if "export_gptq" in out:
+    e = out["export_gptq"]
+    print(f"HF GPTQ export: {e['path']} ({len(e['quantized'])} linears quantized, {len(e['excluded'])} kept dense)")
+    for m in e["excluded"]:
+      print(f"  kept dense: {m}: {e['reasons'][m]}")
+    print()
   print(cli.format_table(["model", "value"], [
       ["method", method],
       ["matmul path", out["config"]["matmul_path"]],

@@ -15,7 +15,7 @@ def test_gptq_cli_round_trip(tmp_path):
   common = ["--seqlen", "64", "--eval-nsamples", "8"]
   r = _run("--method", "gptq", "--wbits", "3", "--groupsize", "32", "--act-order", "--static-groups",
            "--nsamples", "16", "--calib-seqlen", "64", "--baseline", *common,
-           "--save", tmp_path / "ck", "--json", tmp_path / "q.json")
+           "--save", tmp_path / "ck", "--export-gptq", tmp_path / "hf", "--json", tmp_path / "q.json")
   assert r.returncode == 0, r.stderr
   out = json.loads((tmp_path / "q.json").read_text())
   cal = out["calibration"]
@@ -31,3 +31,12 @@ def test_gptq_cli_round_trip(tmp_path):
   r2 = _run("--load", tmp_path / "ck", *common, "--json", tmp_path / "l.json")
   assert r2.returncode == 0, r2.stderr
   assert json.loads((tmp_path / "l.json").read_text())["ppl"] == out["ppl"]
+  # HF GPTQ export: attention linears (64 wide) exported, the 172-wide FFN kept dense and listed; re-import
+  exp = out["export_gptq"]
+  assert len(exp["quantized"]) == 20 and len(exp["excluded"]) == 15 and "kept dense" in r.stdout
+  hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+  assert hf_cfg["quant_method"] == "gptq" and hf_cfg["bits"] == 3 and hf_cfg["desc_act"] is True
+  r3 = _run("--model", tmp_path / "hf", *common, "--json", tmp_path / "hf.json")
+  assert r3.returncode == 0, r3.stderr
+  reimported = json.loads((tmp_path / "hf.json").read_text())["ppl"]["tinystories"]
+  assert abs(reimported / q - 1) < 1e-5
