@@ -89,7 +89,7 @@ def config(args):
                            percdamp=args.percdamp, block_size=args.block_size, true_sequential=args.true_sequential)
   if args.method == "spqr":
     from qjax.methods import spqr
-    return spqr.SpQRConfig(**common, qq_scale_bits=args.qq_scale_bits, qq_zero_bits=args.qq_zero_bits,
+    return spqr.SpQRConfig(**common, sym=args.sym, qq_scale_bits=args.qq_scale_bits, qq_zero_bits=args.qq_zero_bits,
                            qq_groupsize=args.qq_groupsize, outlier_threshold=args.outlier_threshold,
                            act_order=args.act_order, percdamp=args.percdamp,
                            simplified_outliers=args.simplified_outliers, true_sequential=args.true_sequential,
@@ -99,9 +99,10 @@ def config(args):
 
 def validate_for_model(args, model, params, cfg):
   """Checks that need the architecture (still before any long work)."""
-  if args.method == "spqr":
+  if args.method == "spqr":  # the library handles a partial last row group; the CLI keeps the reference's rule
+    flat = tree.flatten(params)
     for p in tree.matching(params, cfg.targets):
-      out = tree.flatten(params)[p].shape[0]
+      out = flat[p].shape[0]
       if out % args.qq_groupsize:
         raise InputError(f"--qq-groupsize {args.qq_groupsize} does not divide the output width {out} of {p}")
 

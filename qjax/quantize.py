@@ -6,6 +6,7 @@ Example (the ``make demo`` run)::
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,9 @@ def run(argv=None) -> int:
   }
   if args.baseline:
     out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
+  if args.method == "spqr":
+    from qjax.methods import spqr
+    out["size"]["spqr"] = dataclasses.asdict(spqr.bits_summary(qparams))
   if exported is not None:
     out["export_gptq"] = {k: exported[k] for k in ("path", "quantized", "excluded", "reasons")}
   if report is not None:
@@ -186,6 +190,8 @@ def _print_summary(out, results, baseline, method):
       ["fp16-equivalent bytes", f"{s['fp16_bytes']:,}"],
       ["quantized bytes", f"{s['quantized_bytes']:,}"],
       ["bits / quantized weight", f"{s['bits_per_weight']:.3f}"],
+      *([["SpQR average bits (paper formula)", f"{s['spqr']['average_bits']:.3f}"],
+         ["SpQR outliers", f"{s['spqr']['outliers']:,}"]] if "spqr" in s else []),
       ["compression vs fp16", f"{s['compression_ratio']:.2f}x"],
       ["quantize time", f"{t['quantize_seconds']:.2f} s"],
   ]))

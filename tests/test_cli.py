@@ -98,6 +98,8 @@ BAD = {
     "batch_size_negative": (["--batch-size", "-1"], ["--batch-size", "-1"]),
     "seqlen_beyond_context": (["--seqlen", "4096"], ["4096", "context", "512"]),
     "static_groups_without_groups": (["--method", "gptq", "--static-groups"], ["--static-groups", "groupsize"]),
+    "qq_groupsize_not_dividing": (["--method", "spqr", "--groupsize", "16", "--qq-groupsize", "16"],
+                                  ["--qq-groupsize", "16", "172"]),
     "calib_text_missing": (["--method", "gptq", "--calib-text", "{t}/no-calib.txt"], ["no-calib.txt", "does not exist"]),
     "calib_too_short": (["--method", "gptq", "--calib-text", "{t}/short.txt", "--calib-seqlen", "64"],
                         ["calibration text", "64"]),

@@ -120,9 +120,9 @@ def test_equals_torch_reference(tau, act_order, simplified, block_size):
   ref, ref_mask = ref_spqr(torch.tensor(w), torch.tensor(h), bits=3, group_size=16, qq_bits=3, qq_groupsize=16,
                            tau=tau, act_order=act_order, simplified=simplified, block_size=block_size)
   ours = np.asarray(r.array.dequantize())
-  assert np.mean(np.abs(ours - ref) > 1e-5 * np.abs(w).max()) < 2e-3   # rare rounding-tie flips at most
-  assert abs(_out_err(x, w, ours) / _out_err(x, w, ref) - 1) < 1e-3
-  assert abs(r.outliers - ref_mask.sum()) <= 2
+  assert np.mean(np.abs(ours - ref) > 1e-5 * np.abs(w).max()) < 2e-3   # rare rounding-tie flips at most (0 here)
+  assert abs(_out_err(x, w, ours) / _out_err(x, w, ref) - 1) < 1e-4
+  assert np.mean(np.asarray(r.array.outlier_mask()) != ref_mask) < 2e-3
   assert (r.outliers > 0) == math.isfinite(tau)
 
 
@@ -158,14 +158,12 @@ def test_diagonal_hessian_is_bilevel_round_to_nearest():
   rng = np.random.default_rng(0)
   w = rng.normal(size=(32, 16)).astype(np.float32)
   r = _spqr(w, np.diag(rng.uniform(0.5, 2.0, 16)).astype(np.float32), stats_dtype="float32", qq_groupsize=8)
-  expect = _bilevel_numpy(w.astype(np.float64), 3, 3, 8)
-  assert np.mean(np.abs(np.asarray(r.array.dequantize()) - expect) > 1e-5) < 0.01
+  np.testing.assert_allclose(r.array.dequantize(), _bilevel_numpy(w.astype(np.float64), 3, 3, 8), atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [
-    dict(outlier_threshold=0.2, act_order=True, qq_groupsize=12),        # partial last run of rows (36 = 3 * 12)
-    dict(outlier_threshold=0.2, qq_groupsize=16, sym=True),                   # 36 = 2 * 16 + 4
-    dict(group_size=32, bits=4, qq_scale_bits=2, qq_zero_bits=4, qq_groupsize=5)])
+    dict(outlier_threshold=0.2, act_order=True, qq_groupsize=12),        # 36 rows = 3 runs of 12
+    dict(group_size=32, bits=4, qq_scale_bits=2, qq_zero_bits=4, qq_groupsize=16, sym=True)])  # 36 = 2 * 16 + 4
 def test_dequantize_equals_reconstruction(kw):
   w, x, h = _problem(2, out=36, n=70)
   r = _spqr(w, h, **kw)
@@ -177,22 +175,22 @@ def test_dequantize_equals_reconstruction(kw):
 
 
 def test_outliers_planted_entries_are_kept_exactly():
-  w, x, h = _problem(3, n=96)
-  assert _spqr(w, h).outliers == 0                               # tau = inf: none, whatever the weights
-  clean = _spqr(w, h, outlier_threshold=1.0)
-  rows, cols = np.arange(0, 32, 3), (np.arange(11) * 37) % 96
-  w[rows, cols] = np.where(np.arange(11) % 2, 40.0, -40.0)
-  r = _spqr(w, h, outlier_threshold=1.0)
+  w, x, h = _problem(1)
+  kw = dict(act_order=True, block_size=32, stats_dtype="float32")   # compiled by test_equals_torch_reference
+  assert _spqr(w, h, stats_dtype="float32").outliers == 0          # tau = inf: none, whatever the weights
+  clean = _spqr(w, h, outlier_threshold=1.0, **kw)
+  rows, cols = np.arange(0, 32, 3), (np.arange(11) * 37) % 100
+  planted = w.copy()
+  planted[rows, cols] = np.where(np.arange(11) % 2, 40.0, -40.0)
+  r = _spqr(planted, h, outlier_threshold=1.0, **kw)
   mask = np.asarray(r.array.outlier_mask())
   dq = np.asarray(r.array.dequantize())
   assert mask[rows, cols].all() and mask.sum() == r.outliers < 0.05 * w.size
   np.testing.assert_array_equal(dq[mask], r.reconstruction[mask])
   # kept at their (error-updated) value, not snapped to a 3-bit grid spanning +-40 (step > 10) ...
-  assert np.abs(dq - w)[rows, cols].max() < 1.0
+  assert np.abs(dq - planted)[rows, cols].max() < 1.0
   # ... and the groups were fitted without them: about the output error of the matrix without the planted entries
-  w0 = w.copy()
-  w0[rows, cols] = _problem(3, n=96)[0][rows, cols]
-  assert _out_err(x, w, dq) < 1.3 * _out_err(x, w0, clean.array.dequantize())
+  assert _out_err(x, planted, dq) < 1.3 * _out_err(x, w, clean.array.dequantize())
 
 
 def test_output_error_below_rtn_and_stored_bits_match_the_formula():
@@ -203,9 +201,19 @@ def test_output_error_below_rtn_and_stored_bits_match_the_formula():
   assert ours < 0.75 * base
   out, n = w.shape
   assert r.average_bits == pytest.approx(3 + 6 / 16 + 64 / 256 + 32 * r.outliers / w.size)
-  # no padding here (128 columns, 64 * 8 level-2 codes): stored = formula + CSR row pointers
-  assert r.stored_bits == pytest.approx(r.average_bits + 32 * (out + 1) / (out * n))
+  # no padding here (128 columns, 64 * 8 level-2 codes): stored = formula + 16-bit CSR row pointers
+  assert r.stored_bits == pytest.approx(r.average_bits + 16 * (out + 1) / (out * n))
   assert r.array.nbytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(r.array))
+
+
+def test_cholesky_failure_retries_with_more_damping():
+  w, _, _ = _problem(1)
+  h = np.eye(100, dtype=np.float32)
+  h[5, 5] = -0.5   # indefinite: damping 0.01 and 0.1 of mean|diag H| (~1) are not enough, 1.0 is
+  with pytest.warns(UserWarning, match="Cholesky") as caught:
+    r = _spqr(w, h, stats_dtype="float32")
+  assert r.percdamp == pytest.approx(1.0) and len(caught) == 2
+  assert np.all(np.isfinite(r.reconstruction))
 
 
 def test_trace_size_does_not_grow_with_columns():
@@ -236,33 +244,40 @@ def test_model_level(request, fixture, tmp_path):
   path = request.getfixturevalue(fixture)
   model, params = models.load(path)
   windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (8, 32)).astype(np.int32)
-  cfg = spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.3, act_order=True, true_sequential=True)
+  cfg = spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.3, act_order=True)
   q, report = spqr.quantize_with_report(params, cfg, calibration.Calibration(model, windows), progress=False)
   arrays = [v for v in tree.flatten(q).values() if isinstance(v, spqr.SpQRArray)]
   assert len(arrays) == len(model.family.linears) * model.config.num_layers
   assert len(report.layers) == model.config.num_layers and all(l.output_rel_error > 0 for l in report.layers)
-  logits = np.asarray(model.apply(q, windows[:1])[0])
+  # jit: eager dispatch would compile every SpQRArray's dequantization separately (outlier counts differ)
+  logits = np.asarray(jax.jit(model.apply)(q, windows[:1])[0])
   assert np.all(np.isfinite(logits)) and not np.array_equal(logits, np.asarray(model.apply(params, windows[:1])[0]))
   bits = spqr.bits_summary(q)
   assert bits.outliers > 0 and 3.6 < bits.average_bits < bits.stored_bits
   assert size.size_report(q).bits_per_weight == pytest.approx(bits.stored_bits)
   dest = checkpoint.save(tmp_path / "ck", q, source_dir=path, dtype="float32", method={"name": "spqr"})
-  back, _ = checkpoint.load_params(dest)
-  np.testing.assert_array_equal(np.asarray(model.apply(back, windows[:1])[0]), logits)
+  back = tree.flatten(checkpoint.load_params(dest)[0])
+  for p, a in tree.flatten(q).items():
+    assert jax.tree_util.tree_structure(back[p]) == jax.tree_util.tree_structure(a)   # type + static fields
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(back[p]), strict=True):
+      assert x.dtype == y.dtype
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_stories260k_beats_gptq_w3g32(stories_dir):
-  """SpQR W3 g16 (level-2 3/3 bits over 16 rows, tau 0.25, act-order) at ~4 bits per weight vs GPTQ W3 g32
-  act-order + static groups, both calibrated on 128 x 256 TinyStories tokens, scored at seqlen 256."""
+  """SpQR W3 g16 (level 2: 3/3 bits over 16 rows; tau 0.25; act-order) at about 4 bits per weight (formula) beats
+  GPTQ W3 g32 act-order + static groups, both calibrated on 128 x 256 TinyStories tokens, ppl at seqlen 256.
+  Measured: SpQR 7.58 (3.98 bits by the formula, 4.49 stored) vs GPTQ 9.04 (3.86 stored); fp 6.12."""
   model, params = models.load(stories_dir)
   tok = data.load_tokenizer(stories_dir)
   text = lambda table: data.tokenize(tok, data.read_text(assets.named_text("tinystories", table)))
   calib = calibration.Calibration(model, data.calibration_windows(text(assets.CALIB_DATASETS), 128, 256, seed=0))
   ppl = lambda p: perplexity.perplexity(model, p, text(assets.PPL_DATASETS), 256, progress=False).ppl
-  q = spqr.quantize(params, spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.25, act_order=True,
-                                            true_sequential=True), calib, progress=False)
-  ref = gptq.quantize(params, gptq.GPTQConfig(bits=3, group_size=32, act_order=True, static_groups=True,
-                                              true_sequential=True), calib, progress=False)
+  q = spqr.quantize(params, spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.25, act_order=True), calib,
+                    progress=False)
+  ref = gptq.quantize(params, gptq.GPTQConfig(bits=3, group_size=32, act_order=True, static_groups=True), calib,
+                      progress=False)
   bits = spqr.bits_summary(q)
-  assert 3.0 < bits.average_bits < 4.0 and bits.stored_bits < 4.5
-  assert ppl(q) < ppl(ref)
+  assert 3.9 < bits.average_bits < 4.0 and bits.stored_bits < 4.6
+  spqr_ppl, gptq_ppl = ppl(q), ppl(ref)
+  assert spqr_ppl < min(7.8, gptq_ppl)
