@@ -13,6 +13,7 @@ so an interrupted save leaves no partial checkpoint (and the source model folder
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,17 +55,23 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
       flat.update({f"{path}/{k}": getattr(leaf, k) for k in data_fields(cls) if getattr(leaf, k) is not None})
     else:
       flat[path] = leaf
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-  try:
+  with atomic_dir(dest) as tmp:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp / "params", tree.unflatten(flat))
     ckpt.wait_until_finished()
     shutil.copy2(source_dir / "config.json", tmp / "config.json")
-    for name in TOKENIZER_FILES:
-      if (source_dir / name).is_file():
-        shutil.copy2(source_dir / name, tmp / name)
+    copy_tokenizer(source_dir, tmp)
     meta = {"format": FORMAT, "dtype": dtype, "method": method, "qarrays": qmeta}
     (tmp / "qjax.json").write_text(json.dumps(meta, indent=1))
+  return dest
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path):
+  """Yields a temporary sibling folder of ``dest`` that replaces ``dest`` only if the block completes."""
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+  try:
+    yield tmp
     os.chmod(tmp, 0o777 & ~current_umask())
     if dest.exists():
       shutil.rmtree(dest)
@@ -72,7 +79,13 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return dest
+
+
+def copy_tokenizer(source_dir: Path, dest: Path):
+  """Copies the tokenizer (and generation config) files that exist in ``source_dir``."""
+  for name in TOKENIZER_FILES:
+    if (source_dir / name).is_file():
+      shutil.copy2(source_dir / name, dest / name)
 
 
 def current_umask() -> int:

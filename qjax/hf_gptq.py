@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -154,21 +151,11 @@ def export_gptq(dest, params, *, source_dir, bits: int, group_size: int, sym: bo
   config["quantization_config"] = quantization_config(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                                                       quantized=quantized, excluded=excluded,
                                                       extra_config=extra_config)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-  try:
+  with checkpoint.atomic_dir(dest) as tmp:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
-    for name in checkpoint.TOKENIZER_FILES:
-      if (source_dir / name).is_file():
-        shutil.copy2(source_dir / name, tmp / name)
-    os.chmod(tmp, 0o777 & ~checkpoint.current_umask())
-    if dest.exists():
-      shutil.rmtree(dest)
-    os.rename(tmp, dest)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    checkpoint.copy_tokenizer(source_dir, tmp)
   return {"path": str(dest), "quantized": quantized, "excluded": excluded, "reasons": reasons}
 
 

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import hf_reference
+from synthetic import output_error, problem
 from qjax import calibration, models, tree
 from qjax.methods import gptq, rtn
 from qjax.qarray import QArray
@@ -22,32 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 from torch_gptq import gptq as torch_gptq  # noqa: E402
 
 
-def _problem(seed, out=32, n=96, tokens=400):
-  """Weights and heavy-tailed, correlated calibration inputs with uneven column scales."""
-  rng = np.random.default_rng(seed)
-  mix = rng.normal(size=(n, n)).astype(np.float32) / np.sqrt(n)
-  x = rng.standard_t(3, size=(tokens, n)).astype(np.float32) @ mix + 0.1 * rng.normal(size=(tokens, n)).astype(
-      np.float32)
-  x *= rng.uniform(0.2, 3.0, n).astype(np.float32)
-  w = rng.normal(size=(out, n)).astype(np.float32)
-  return w, x, (2 * x.T @ x / tokens).astype(np.float32)
-
-
-def _out_err(x, w, wq):
-  return float(np.linalg.norm(x @ (np.asarray(wq, np.float32) - w).T))
-
-
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 10_000), bits=st.sampled_from([2, 3, 4]), group_size=st.sampled_from([-1, 16, 32]),
        sym=st.booleans(), block_size=st.sampled_from([32, 128]))
 def test_output_error_below_rtn_and_act_order_no_worse(seed, bits, group_size, sym, block_size):
-  w, x, h = _problem(seed)
+  w, x, h = problem(seed)
   kw = dict(bits=bits, group_size=group_size, sym=sym, block_size=block_size, scale_dtype="float32")
   natural = gptq.quantize_weight(jnp.asarray(w), jnp.asarray(h), **kw).qarray.dequantize()
   ordered = gptq.quantize_weight(jnp.asarray(w), jnp.asarray(h), act_order=True, **kw).qarray.dequantize()
   base = rtn.quantize_weight(jnp.asarray(w), bits=bits, group_size=group_size, sym=sym).dequantize()
-  assert _out_err(x, w, natural) < _out_err(x, w, base)
-  assert _out_err(x, w, ordered) <= _out_err(x, w, natural) * 1.0001
+  assert output_error(x, w, natural) < output_error(x, w, base)
+  assert output_error(x, w, ordered) <= output_error(x, w, natural) * 1.0001
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,static", [
@@ -56,7 +42,7 @@ def test_output_error_below_rtn_and_act_order_no_worse(seed, bits, group_size, s
     (2, 64, True, False, True)])
 def test_equals_torch_reference(bits, group_size, sym, act_order, static):
   """qjax reproduces the reference algorithm, including groups that start inside a block (quirk Q2)."""
-  w, x, h = _problem(1, out=48, n=256, tokens=600)
+  w, x, h = problem(1, out=48, n=256, tokens=600)
   w[:, 7] = 0.0
   h[7, :], h[:, 7] = 0.0, 0.0   # a dead column
   q = gptq.quantize_weight(jnp.asarray(w), jnp.asarray(h), bits=bits, group_size=group_size, sym=sym,
@@ -66,14 +52,14 @@ def test_equals_torch_reference(bits, group_size, sym, act_order, static):
   ours = np.asarray(q.qarray.dequantize())
   # equal up to float summation order (ulp-level scale differences) and at most rare code flips at exact ties
   assert np.mean(np.abs(ours - ref.numpy()) > 1e-4) < 1e-3
-  assert abs(_out_err(x, w, ours) / _out_err(x, w, ref.numpy()) - 1) < 1e-4
+  assert abs(output_error(x, w, ours) / output_error(x, w, ref.numpy()) - 1) < 1e-4
   assert abs(q.losses.sum() / ref_loss - 1) < 1e-3
   assert np.all(ours[:, 7] == 0)
   assert (q.qarray.perm is not None) == (act_order and not static and group_size > 0)
 
 
 def test_deterministic_bit_identical():
-  w, _, h = _problem(3)
+  w, _, h = problem(3)
   a = gptq.quantize_weight(jnp.asarray(w), jnp.asarray(h), bits=4, group_size=32, act_order=True).qarray
   b = gptq.quantize_weight(jnp.asarray(w), jnp.asarray(h), bits=4, group_size=32, act_order=True).qarray
   for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -81,7 +67,7 @@ def test_deterministic_bit_identical():
 
 
 def test_cholesky_failure_retries_with_more_damping():
-  w, _, _ = _problem(4, n=32)
+  w, _, _ = problem(4, n=32)
   h = np.eye(32, dtype=np.float32)
   h[5, 5] = -0.5  # indefinite: damping 0.01 and 0.1 of mean(diag) are not enough, 1.0 is
   with warnings.catch_warnings(record=True) as caught:

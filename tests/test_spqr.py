@@ -10,24 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from synthetic import output_error, problem
 from qjax import assets, calibration, checkpoint, data, models, perplexity, size, tree
 from qjax.errors import InputError
 from qjax.methods import gptq, rtn, spqr
-
-
-def _problem(seed, out=32, n=100, tokens=400):
-  """Weights and heavy-tailed (t(3)), correlated calibration inputs with uneven column scales."""
-  rng = np.random.default_rng(seed)
-  mix = rng.normal(size=(n, n)).astype(np.float32) / np.sqrt(n)
-  x = rng.standard_t(3, size=(tokens, n)).astype(np.float32) @ mix + 0.1 * rng.normal(size=(tokens, n)).astype(
-      np.float32)
-  x *= rng.uniform(0.2, 3.0, n).astype(np.float32)
-  w = rng.normal(size=(out, n)).astype(np.float32)
-  return w, x, (2 * x.T @ x / tokens).astype(np.float32)
-
-
-def _out_err(x, w, wq):
-  return float(np.linalg.norm(x @ (np.asarray(wq, np.float32) - w).T))
 
 
 def _spqr(w, h, **kw):
@@ -113,7 +99,7 @@ def ref_spqr(w, h, *, bits, group_size, qq_bits, qq_groupsize, tau, act_order, s
 def test_equals_torch_reference(tau, act_order, simplified, block_size):
   """Partial last group (100 = 6 * 16 + 4), several blocks, a dead column, LOO outliers: with float32 statistics
   the engine reproduces the reference."""
-  w, x, h = _problem(1)
+  w, x, h = problem(1, n=100)
   h[7, :], h[:, 7] = 0.0, 0.0
   r = _spqr(w, h, outlier_threshold=tau, act_order=act_order, simplified_outliers=simplified,
             block_size=block_size, stats_dtype="float32")
@@ -121,7 +107,7 @@ def test_equals_torch_reference(tau, act_order, simplified, block_size):
                            tau=tau, act_order=act_order, simplified=simplified, block_size=block_size)
   ours = np.asarray(r.array.dequantize())
   assert np.mean(np.abs(ours - ref) > 1e-5 * np.abs(w).max()) < 2e-3   # rare rounding-tie flips at most (0 here)
-  assert abs(_out_err(x, w, ours) / _out_err(x, w, ref) - 1) < 1e-4
+  assert abs(output_error(x, w, ours) / output_error(x, w, ref) - 1) < 1e-4
   assert np.mean(np.asarray(r.array.outlier_mask()) != ref_mask) < 2e-3
   assert (r.outliers > 0) == math.isfinite(tau)
 
@@ -165,17 +151,17 @@ def test_diagonal_hessian_is_bilevel_round_to_nearest():
     dict(outlier_threshold=0.2, act_order=True, qq_groupsize=12),        # 36 rows = 3 runs of 12
     dict(group_size=32, bits=4, qq_scale_bits=2, qq_zero_bits=4, qq_groupsize=16, sym=True)])  # 36 = 2 * 16 + 4
 def test_dequantize_equals_reconstruction(kw):
-  w, x, h = _problem(2, out=36, n=70)
+  w, x, h = problem(2, out=36, n=70)
   r = _spqr(w, h, **kw)
   np.testing.assert_array_equal(np.asarray(r.array.dequantize()), r.reconstruction)
-  assert _out_err(x, w, r.reconstruction) < _out_err(x, w, rtn.quantize_weight(
+  assert output_error(x, w, r.reconstruction) < output_error(x, w, rtn.quantize_weight(
       jnp.asarray(w), bits=r.array.bits, group_size=r.array.group_size).dequantize())
   assert (r.array.perm is not None) == kw.get("act_order", False)
   assert (r.array.zero_codes is None) == kw.get("sym", False)
 
 
 def test_outliers_planted_entries_are_kept_exactly():
-  w, x, h = _problem(1)
+  w, x, h = problem(1, n=100)
   kw = dict(act_order=True, block_size=32, stats_dtype="float32")   # compiled by test_equals_torch_reference
   assert _spqr(w, h, stats_dtype="float32").outliers == 0          # tau = inf: none, whatever the weights
   clean = _spqr(w, h, outlier_threshold=1.0, **kw)
@@ -190,13 +176,13 @@ def test_outliers_planted_entries_are_kept_exactly():
   # kept at their (error-updated) value, not snapped to a 3-bit grid spanning +-40 (step > 10) ...
   assert np.abs(dq - planted)[rows, cols].max() < 1.0
   # ... and the groups were fitted without them: about the output error of the matrix without the planted entries
-  assert _out_err(x, planted, dq) < 1.3 * _out_err(x, w, clean.array.dequantize())
+  assert output_error(x, planted, dq) < 1.3 * output_error(x, w, clean.array.dequantize())
 
 
 def test_output_error_below_rtn_and_stored_bits_match_the_formula():
-  w, x, h = _problem(4, out=64, n=128, tokens=800)
+  w, x, h = problem(4, out=64, n=128, tokens=800)
   r = _spqr(w, h, outlier_threshold=0.25)
-  ours, base = _out_err(x, w, r.array.dequantize()), _out_err(x, w, rtn.quantize_weight(
+  ours, base = output_error(x, w, r.array.dequantize()), output_error(x, w, rtn.quantize_weight(
       jnp.asarray(w), bits=3, group_size=16).dequantize())
   assert ours < 0.75 * base
   out, n = w.shape
@@ -207,7 +193,7 @@ def test_output_error_below_rtn_and_stored_bits_match_the_formula():
 
 
 def test_cholesky_failure_retries_with_more_damping():
-  w, _, _ = _problem(1)
+  w, _, _ = problem(1, n=100)
   h = np.eye(100, dtype=np.float32)
   h[5, 5] = -0.5   # indefinite: damping 0.01 and 0.1 of mean|diag H| (~1) are not enough, 1.0 is
   with pytest.warns(UserWarning, match="Cholesky") as caught:
