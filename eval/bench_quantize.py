@@ -1,0 +1,335 @@
+"""GPTQ quantization-time benchmark: qjax (JAX/XLA) versus a faithful torch GPTQ (``eval/torch_gptq.py``), CPU.
+
+1. One linear (``--sizes``, out x in; default 1024x1024, 4096x4096, 11008x4096), 4 bits, block 128, three configs:
+   per-channel (``w4``), groups of 128 (``w4g128``) and groups of 128 with act-order (``w4g128_act``). The Hessian
+   comes from random correlated inputs ``X = (noise @ (I + G / sqrt(in))) * s`` (log-normal channel scales ``s``,
+   so act-order matters), ``N = 2 * in`` rows, ``H = 2 X^T X / N``; weights ``normal(0, 0.02)``; the same ``W, H``
+   go to both. qjax: ``qjax.methods.gptq.quantize_weight`` (timed to ``jax.block_until_ready`` of the QArray);
+   one untimed-for-the-ratio cold call first gives ``qjax_first_call_s`` and ``qjax_compile_s`` (the tracing,
+   lowering and XLA compile durations JAX reports through ``jax.monitoring`` during that call).
+   torch: ``torch_gptq.gptq``. Reported: best steady-state seconds of each, ``ratio = torch / qjax`` (>1: qjax
+   faster) and, as a sanity check, ``||X_s (Wq - W)^T||`` of both outputs on 512 of the rows of ``X``, their
+   relative difference, the GPTQ losses and the fraction of identical quantized weights.
+2. Whole model (skip with ``--skip-model``): stories260K and ``llama8x512`` (``bench_ppl.make_llama8x512``: 8
+   layers, hidden 512, random weights), GPTQ W4 g128 (``--model-groups 128,-1`` adds per-channel; scales kept in
+   float32 so both pipelines feed identical weights forward), 128 windows x 256 tokens of TinyStories
+   calibration text (``qjax.data.calibration_windows``, seed 0). qjax: ``gptq.quantize_with_report`` (total wall
+   time, the report's per-layer seconds and ``peak_host_bytes`` = process ``ru_maxrss``, so it includes what ran
+   before). torch: the reference pipeline (``llama_sequential``) written below on the transformers model: capture
+   the inputs of layer 0 (Catcher), then per layer run every window (batch 1) with forward hooks accumulating
+   ``H = 2/n sum X^T X`` for the 7 linears, ``torch_gptq.gptq`` each, rerun the quantized layer for the next
+   inputs. qjax additionally runs the float layer per layer for its report's output error (extra work). The
+   first qjax run includes compilation (``qjax_first_s``); ``qjax_s`` is the best of ``--model-repeats`` later
+   runs. ``*_rss_peak_delta`` is the peak resident-memory growth during one run (sampled every 10 ms), comparable
+   between the two. ``loss_rel_diff`` compares the summed GPTQ losses of all linears (sanity check).
+
+The two frameworks alternate for ``--repeats`` rounds (the order flips each round) and the best round of each is
+reported: the CPU is shared and noisy (~2x run to run), so compare the ratios of one run, not numbers across
+runs. The load average at start and end is recorded in ``env``: when other processes keep both cores busy, XLA's
+many small multi-threaded kernels inside the column loop stall (1024x1024 then takes up to ~7x its idle time,
+with CPU time = wall time), so small-size ratios are only meaningful on a quiet machine. Threads as in
+``eval/bench_ppl.py``: ``--threads N`` (default ``os.cpu_count()``) pins the process to N cores before JAX starts
+and sets ``torch.set_num_threads(N)``; ``OMP_WAIT_POLICY`` defaults to PASSIVE.
+
+Run (~10 min on 2 cores):
+  JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 .venv/bin/python eval/bench_quantize.py
+  JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 .venv/bin/python eval/bench_quantize.py --sizes 4096x4096 --skip-model
+Prints one JSON object to stdout; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see eval/bench_ppl.py
+
+SIZES = "1024x1024,4096x4096,11008x4096"
+CONFIGS = {"w4": dict(group_size=-1, act_order=False), "w4g128": dict(group_size=128, act_order=False),
+           "w4g128_act": dict(group_size=128, act_order=True)}
+NSAMPLES, SEQLEN = 128, 256
+ERR_ROWS = 512
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def log(*a):
+  print(*a, file=sys.stderr, flush=True)
+
+
+class PeakRSS:
+  """Peak resident-set growth (bytes) while the ``with`` body runs, sampled every 10 ms from /proc/self/statm."""
+
+  def __enter__(self):
+    self.page = os.sysconf("SC_PAGE_SIZE")
+    self.base = self.peak = self._rss()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+    return self
+
+  def _rss(self):
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * self.page
+
+  def _run(self):
+    while not self._stop.wait(0.01):
+      self.peak = max(self.peak, self._rss())
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, self._rss())
+    self.delta = self.peak - self.base
+
+
+# ----------------------------------------------------------------------------------------------- one linear
+
+@functools.cache
+def make_inputs(inp, seed=0):
+  """``(H [in, in], X_s [ERR_ROWS, in])`` float32 from correlated random inputs (see the docstring)."""
+  import torch
+  rng = np.random.default_rng(seed)
+  n = 2 * inp
+  mix = np.eye(inp, dtype=np.float32) + rng.standard_normal((inp, inp), np.float32) / np.float32(np.sqrt(inp))
+  s = torch.from_numpy(np.exp(0.75 * rng.standard_normal(inp)).astype(np.float32))
+  x = (torch.from_numpy(rng.standard_normal((n, inp), np.float32)) @ torch.from_numpy(mix)) * s
+  return ((x.T @ x) * (2.0 / n)).numpy(), x[:ERR_ROWS].numpy().copy()
+
+
+def make_problem(out, inp, seed=0):
+  """``(W [out, in], H [in, in], X_s [ERR_ROWS, in])``, weights ``normal(0, 0.02)``."""
+  return (0.02 * np.random.default_rng(seed + 1).standard_normal((out, inp), np.float32), *make_inputs(inp, seed))
+
+
+def bench_linear(sizes, repeats):
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from qjax.methods import gptq as qgptq
+  from torch_gptq import gptq as torch_gptq
+
+  compile_s = [0.0]
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **_: compile_s.__setitem__(0, compile_s[0] + secs) if event in COMPILE_EVENTS else None)
+  results, problems = {}, {}
+  for out, inp in sizes:
+    name = f"{out}x{inp}"
+    t0 = time.perf_counter()
+    w, h, xs = make_problem(out, inp)
+    wj, hj = jnp.asarray(w), jnp.asarray(h)
+    problems[name] = (w, xs, wj, hj, torch.from_numpy(w), torch.from_numpy(h))
+    log(f"[{name}] problem built in {time.perf_counter() - t0:.1f}s")
+    for cname, cfg in CONFIGS.items():  # cold call: tracing + compilation + one run
+      compile_s[0], t0 = 0.0, time.perf_counter()
+      jax.block_until_ready(qgptq.quantize_weight(wj, hj, bits=4, block_size=128, **cfg).qarray)
+      results.setdefault(name, {})[cname] = {"qjax_first_call_s": round(time.perf_counter() - t0, 3),
+                                             "qjax_compile_s": round(compile_s[0], 3),
+                                             "qjax_rounds_s": [], "torch_rounds_s": []}
+      log(f"[{name} {cname}] qjax first call {time.perf_counter() - t0:.2f}s (compilation {compile_s[0]:.2f}s)")
+
+  for rnd in range(repeats):
+    for name, (w, xs, wj, hj, wt, ht) in problems.items():
+      for cname, cfg in CONFIGS.items():
+        r = results[name][cname]
+
+        def run_qjax():
+          t = time.perf_counter()
+          res = qgptq.quantize_weight(wj, hj, bits=4, block_size=128, **cfg)
+          jax.block_until_ready(res.qarray)
+          r["qjax_rounds_s"].append(round(time.perf_counter() - t, 3))
+          return res
+
+        def run_torch():
+          t = time.perf_counter()
+          out = torch_gptq(wt, ht, bits=4, block_size=128, **cfg)
+          r["torch_rounds_s"].append(round(time.perf_counter() - t, 3))
+          return out
+
+        if rnd % 2 == 0:
+          qres, (tq, tloss) = run_qjax(), run_torch()
+        else:
+          (tq, tloss), qres = run_torch(), run_qjax()
+        log(f"[{name} {cname}] round {rnd}: qjax {r['qjax_rounds_s'][-1]:.3f}s  torch {r['torch_rounds_s'][-1]:.3f}s")
+        if rnd == 0:
+          wq_j = np.asarray(qres.qarray.dequantize(), np.float32)
+          wq_t = tq.numpy()
+          ej, et = (float(np.linalg.norm(xs @ (wq - w).T)) for wq in (wq_j, wq_t))
+          r.update(err_qjax=ej, err_torch=et,
+                   err_rel_diff=abs(ej - et) / et, loss_qjax=float(qres.losses.sum()), loss_torch=tloss,
+                   weights_equal_frac=float(np.mean(wq_j == wq_t)))
+  for name in results:
+    for r in results[name].values():
+      r["qjax_s"], r["torch_s"] = min(r["qjax_rounds_s"]), min(r["torch_rounds_s"])
+      r["ratio"] = round(r["torch_s"] / r["qjax_s"], 3)
+  return results
+
+
+# ----------------------------------------------------------------------------------------------- whole model
+
+def torch_gptq_model(path, windows, group_size):
+  """The reference layer-wise GPTQ (``llama_sequential``, all 7 linears at once) on the transformers model.
+
+  Returns ``(seconds, per-layer seconds, total GPTQ loss)``; the model load is not timed.
+  """
+  import torch
+  from transformers import AutoModelForCausalLM
+  from torch_gptq import gptq
+  model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+  layers = model.model.layers
+  ids = torch.from_numpy(windows.astype(np.int64))
+  n = len(ids)
+  start = time.perf_counter()
+  with torch.no_grad():
+    inps, kw = [], {}
+
+    class Catcher(torch.nn.Module):
+      def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+      def forward(self, x, **kwargs):
+        inps.append(x)
+        kw.update(kwargs)
+        raise ValueError
+
+    layers[0] = Catcher(layers[0])
+    for row in ids:
+      try:
+        model(row[None], use_cache=False)
+      except ValueError:
+        pass
+    layers[0] = layers[0].layer
+    per_layer, loss = [], 0.0
+    for layer in layers:
+      t0 = time.perf_counter()
+      lins = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+      hs = {name: torch.zeros(m.in_features, m.in_features) for name, m in lins.items()}
+
+      def hook(name):
+        def f(_, inp, __):
+          x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+          hs[name] += x.T @ x
+        return f
+
+      handles = [m.register_forward_hook(hook(name)) for name, m in lins.items()]
+      for x in inps:
+        layer(x, **kw)
+      for hd in handles:
+        hd.remove()
+      for name, m in lins.items():
+        q, l = gptq(m.weight.data, hs[name] * (2.0 / n), bits=4, group_size=group_size)
+        m.weight.data = q.to(m.weight.dtype)
+        loss += l
+      inps = [layer(x, **kw) for x in inps]
+      per_layer.append(time.perf_counter() - t0)
+  return time.perf_counter() - start, per_layer, loss
+
+
+def bench_model(name, path, windows, repeats, groups):
+  from qjax import calibration, models
+  from qjax.methods import gptq as qgptq
+  model, params = models.load(path)
+  res = {}
+  for g in groups:
+    gname = f"g{g}" if g > 0 else "perchannel"
+    cfg = qgptq.GPTQConfig(bits=4, group_size=g, scale_dtype="float32")
+    calib = calibration.Calibration(model, windows)
+    r = {"qjax_rounds_s": [], "torch_rounds_s": []}
+
+    def run_qjax():
+      with PeakRSS() as m:
+        t = time.perf_counter()
+        _, rep = qgptq.quantize_with_report(params, cfg, calib, progress=False)
+        r["qjax_rounds_s"].append(round(time.perf_counter() - t, 3))
+      r["qjax_rss_peak_delta_bytes"] = max(r.get("qjax_rss_peak_delta_bytes", 0), m.delta)
+      if len(r["qjax_rounds_s"]) == 1 or r["qjax_rounds_s"][-1] <= min(r["qjax_rounds_s"]):
+        r["qjax_layer_s"] = [round(l.seconds, 3) for l in rep.layers]
+      r.update(qjax_peak_host_bytes=rep.peak_host_bytes, qjax_activation_bytes=rep.activation_bytes,
+               qjax_loss=sum(sum(l.linear_losses.values()) for l in rep.layers),
+               qjax_output_rel_error=[round(l.output_rel_error, 6) for l in rep.layers])
+
+    def run_torch():
+      with PeakRSS() as m:
+        secs, per_layer, loss = torch_gptq_model(path, windows, g)
+      r["torch_rounds_s"].append(round(secs, 3))
+      r["torch_rss_peak_delta_bytes"] = max(r.get("torch_rss_peak_delta_bytes", 0), m.delta)
+      if secs <= min(r["torch_rounds_s"]):
+        r["torch_layer_s"] = [round(s, 3) for s in per_layer]
+      r["torch_loss"] = loss
+
+    run_qjax()  # cold: includes compilation
+    r["qjax_first_s"] = r["qjax_rounds_s"].pop()
+    log(f"[{name} {gname}] qjax cold (with compilation) {r['qjax_first_s']:.2f}s")
+    for rnd in range(repeats):
+      for f in ((run_torch, run_qjax) if rnd % 2 else (run_qjax, run_torch)):
+        f()
+      log(f"[{name} {gname}] round {rnd}: qjax {r['qjax_rounds_s'][-1]:.2f}s  torch {r['torch_rounds_s'][-1]:.2f}s")
+    r["qjax_s"], r["torch_s"] = min(r["qjax_rounds_s"]), min(r["torch_rounds_s"])
+    r["ratio"] = round(r["torch_s"] / r["qjax_s"], 3)
+    r["loss_rel_diff"] = abs(r["qjax_loss"] - r["torch_loss"]) / abs(r["torch_loss"])
+    res[gname] = dict(sorted(r.items()))
+  return res
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--sizes", default=SIZES, help="comma-separated OUTxIN linear shapes ('' to skip)")
+  p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is reported")
+  p.add_argument("--skip-model", action="store_true", help="skip the whole-model benchmark")
+  p.add_argument("--model-repeats", type=int, default=1, help="alternating whole-model rounds after the cold run")
+  p.add_argument("--model-groups", default="128", help="comma-separated group sizes for the whole model (-1: "
+                 "per-channel)")
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks (default: all)")
+  args = p.parse_args(argv)
+  sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
+  cpus = sorted(os.sched_getaffinity(0))
+  if args.threads < len(cpus):
+    os.sched_setaffinity(0, cpus[:args.threads])  # before JAX creates its CPU client
+
+  import jax
+  import torch
+  import transformers
+  transformers.utils.logging.disable_progress_bar()
+  torch.set_num_threads(args.threads)
+  env = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+         "python": platform.python_version(), "cpu_count": os.cpu_count(),
+         "affinity_cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+         "jax_backend": jax.default_backend(), "repeats": args.repeats, "model_repeats": args.model_repeats,
+         "load_avg_start": os.getloadavg(),
+         **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS")}}
+  out = {"env": env, "linear": bench_linear(sizes, args.repeats) if sizes else {}}
+  if args.skip_model:
+    out["models"] = "skipped (--skip-model)"
+  else:
+    from bench_ppl import make_llama8x512
+    from qjax import assets, data
+    story = assets.asset(assets.DEFAULT_MODEL)
+    text = data.read_text(assets.named_text("tinystories", assets.CALIB_DATASETS))
+    windows = data.calibration_windows(data.tokenize(data.load_tokenizer(story), text), NSAMPLES, SEQLEN)
+    out["models"] = {}
+    groups = [int(g) for g in args.model_groups.split(",") if g]
+    with tempfile.TemporaryDirectory() as tmp:
+      for name in ("stories260K", "llama8x512"):
+        path = story
+        if name == "llama8x512":
+          path = os.path.join(tmp, name)
+          make_llama8x512(path)
+        res = bench_model(name, path, windows, args.model_repeats, groups)
+        out["models"][name] = {"windows": NSAMPLES, "seqlen": SEQLEN, **res}
+  env["load_avg_end"] = os.getloadavg()
+  env["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  main()
