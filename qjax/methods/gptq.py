@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -160,17 +159,12 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: 
   """
   if static_groups and group_size <= 0:
     raise ValueError("static_groups needs group_size > 0")
-  damp = percdamp
-  for _ in range(6):
-    codes, scale, zero, losses, perm, ok = _gptq(
-        w, hessian, jnp.float32(damp), bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-        static_groups=static_groups, block_size=block_size)
-    if bool(ok):
-      break
-    warnings.warn(f"GPTQ: Cholesky factorization failed with percdamp={damp:g}; retrying with {damp * 10:g}")
-    damp *= 10
-  else:
-    raise FloatingPointError("GPTQ: Hessian is not positive definite even with heavy damping")
+  def run(damp):
+    *out, ok = _gptq(w, hessian, damp, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                     static_groups=static_groups, block_size=block_size)
+    return out, ok
+
+  (codes, scale, zero, losses, perm), damp = linalg.with_damping_retry(run, percdamp, "GPTQ")
   q = QArray.from_codes(codes, scale, zero, bits=bits, group_size=group_size, sym=sym, perm=perm, dtype=w.dtype,
                         scale_dtype=scale_dtype or w.dtype)
   return GPTQResult(q, np.asarray(losses), damp)

@@ -58,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -456,15 +455,11 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: 
             simplified=simplified_outliers, block_size=max(group_size, block_size // group_size * group_size),
             stats_dtype=jnp.dtype(stats_dtype).name)
   tau = jnp.float32(outlier_threshold if math.isfinite(outlier_threshold) else 0.0)
-  damp = percdamp
-  for _ in range(6):
-    codes, recon, mask, stored, losses, perm, ok, thr = _spqr(w, hessian, jnp.float32(damp), tau, **kw)
-    if bool(ok):
-      break
-    warnings.warn(f"SpQR: Cholesky factorization failed with percdamp={damp:g}; retrying with {damp * 10:g}")
-    damp *= 10
-  else:
-    raise FloatingPointError("SpQR: Hessian is not positive definite even with heavy damping")
+  def run(damp):
+    codes, recon, mask, stored, losses, perm, ok, thr = _spqr(w, hessian, damp, tau, **kw)
+    return (codes, recon, mask, stored, losses, perm, thr), ok
+
+  (codes, recon, mask, stored, losses, perm, thr), damp = linalg.with_damping_retry(run, percdamp, "SpQR")
   to_rows = lambda a: jnp.moveaxis(a, 0, 1)                 # [G, out] -> [out, G]; [G, R, 2] -> [R, G, 2]
   zero_parts = (None, None) if sym else tuple(map(to_rows, stored[2:]))
   array = SpQRArray.from_codes(codes, to_rows(stored[0]), to_rows(stored[1]), *zero_parts, mask, recon,
