@@ -39,7 +39,7 @@ def test_output_error_below_rtn_and_act_order_no_worse(seed, bits, group_size, s
 @pytest.mark.parametrize("bits,group_size,sym,act_order,static", [
     (4, -1, False, False, False), (3, -1, True, True, False), (4, 128, False, False, False),
     (3, 32, False, False, False), (4, 32, False, True, False), (3, 32, False, True, True),
-    (2, 64, True, False, True)])
+    (2, 64, True, False, True), (4, 192, False, False, False), (3, 48, False, True, False)])
 def test_equals_torch_reference(bits, group_size, sym, act_order, static):
   """qjax reproduces the reference algorithm, including groups that start inside a block (quirk Q2)."""
   w, x, h = problem(1, out=48, n=256, tokens=600)

@@ -98,7 +98,7 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, bl
               scale, zero, scales, zeros)
 
     init = (w1, jnp.zeros((out, bs), jnp.float32), jnp.zeros((out, bs), jnp.float32), jnp.zeros((bs,), jnp.float32),
-            *_block_params(scales, zeros, chan_scale, chan_zero, g, static_groups), scales, zeros)
+            *_block_params(scales, zeros, chan_scale, chan_zero, g, static_groups, i1), scales, zeros)
     _, q1, err1, loss1, _, _, scales, zeros = jax.lax.fori_loop(0, bs, quant_col, init)
     codes = jax.lax.dynamic_update_slice_in_dim(codes, q1.astype(jnp.uint8), i1, axis=1)
     losses = jax.lax.dynamic_update_slice_in_dim(losses, loss1, i1, axis=0)
@@ -134,10 +134,11 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, bl
   return codes, scales, zeros, losses, (perm if keep_perm else None), ok
 
 
-def _block_params(scales, zeros, chan_scale, chan_zero, g, static_groups):
-  """Initial (scale, zero) carried through a block's column loop."""
+def _block_params(scales, zeros, chan_scale, chan_zero, g, static_groups, i1):
+  """Initial (scale, zero) carried through a block's column loop: the running group's (it may have started in an
+  earlier block when ``g`` does not divide the block size)."""
   if g > 0 and not static_groups:
-    return scales[:, 0], zeros[:, 0]
+    return scales[:, i1 // g], zeros[:, i1 // g]
   return chan_scale[:, 0], chan_zero[:, 0]
 
 
