@@ -5,8 +5,8 @@
    comes from random correlated inputs ``X = (noise @ (I + G / sqrt(in))) * s`` (log-normal channel scales ``s``,
    so act-order matters), ``N = 2 * in`` rows, ``H = 2 X^T X / N``; weights ``normal(0, 0.02)``; the same ``W, H``
    go to both. qjax: ``qjax.methods.gptq.quantize_weight`` (timed to ``jax.block_until_ready`` of the QArray);
-   one untimed-for-the-ratio cold call first gives ``qjax_first_call_s`` and ``qjax_compile_s`` (the tracing,
-   lowering and XLA compile durations JAX reports through ``jax.monitoring`` during that call).
+   a cold call before the rounds (not in the ratio) gives ``qjax_first_call_s`` and ``qjax_compile_s`` (the
+   tracing, lowering and XLA compile durations JAX reports through ``jax.monitoring`` during that call).
    torch: ``torch_gptq.gptq``. Reported: best steady-state seconds of each, ``ratio = torch / qjax`` (>1: qjax
    faster) and, as a sanity check, ``||X_s (Wq - W)^T||`` of both outputs on 512 of the rows of ``X``, their
    relative difference, the GPTQ losses and the fraction of quantized weights that differ by more than
@@ -26,9 +26,10 @@
 
 The two frameworks alternate for ``--repeats`` rounds (the order flips each round) and the best round of each is
 reported: the CPU is shared and noisy (~2x run to run), so compare the ratios of one run, not numbers across
-runs. The load average at start and end is recorded in ``env``: when other processes keep both cores busy, XLA's
-many small multi-threaded kernels inside the column loop stall (1024x1024 then takes up to ~7x its idle time,
-with CPU time = wall time), so small-size ratios are only meaningful on a quiet machine. Threads as in
+runs. The load average at start and end is recorded in ``env``: when other processes keep the cores busy, the
+many small multi-threaded XLA kernels of GPTQ's column loop stall (measured at load ~3 on 2 cores: 1024x1024 in
+0.77 s with 2 threads versus 0.11 s with 1; 4096x4096 2x slower with 2 threads than with 1), so ratios taken
+under load understate qjax; ``--threads 1`` gives load-robust ratios. Threads as in
 ``eval/bench_ppl.py``: ``--threads N`` (default ``os.cpu_count()``) pins the process to N cores before JAX starts
 and sets ``torch.set_num_threads(N)``; ``OMP_WAIT_POLICY`` defaults to PASSIVE.
 
