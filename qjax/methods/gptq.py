@@ -12,7 +12,8 @@ weights in natural column order, so a stored checkpoint keeps contiguous groups 
 gather). Otherwise a group's range is fitted when its first column is reached, exactly as the reference does: on
 the weights as they stood at the start of the current block (reference quirk Q2: a group starting inside a block
 does not see that block's pending error updates). Fitting on the up-to-date weights instead was measured to give
-no systematic gain (output error ratio 1.004 on average over 16 synthetic cases, ``tests/test_gptq.py``), so the
+no systematic gain (output error ratio 1.004 on average over 16 synthetic g32 cases built like the problems of
+``tests/synthetic.py``, a one-off measurement), so the
 reference semantics are kept. With act-order and non-static groups the groups are contiguous in act-order and the
 QArray stores that column permutation.
 

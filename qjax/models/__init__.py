@@ -20,7 +20,7 @@ from qjax.models.opt import OPTDecoderLayer, OPTForCausalLM
 
 _CLASSES = {"llama": (LlamaForCausalLM, LlamaDecoderLayer), "opt": (OPTForCausalLM, OPTDecoderLayer)}
 
-__all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "load", "build", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "load", "SUPPORTED_MODEL_TYPES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +50,8 @@ class CausalLM:
     """Input of decoder layer 0 ``[b, t, hidden]`` for ``input_ids, positions [b, t]``."""
     return self.module.apply({"params": params}, input_ids, positions, method="embed")
 
-  def init(self, seed: int = 0):
-    """Random parameters (normal(0, 0.02) weights, unit norms) for tests and benchmarks."""
-    return self.module.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"]
-
   def with_hooks(self, hooks: ActivationHooks) -> "CausalLM":
     return dataclasses.replace(self, hooks=hooks)
-
-
-def build(config: ModelConfig, dtype: str = "float32") -> CausalLM:
-  return CausalLM(config, dtype)
 
 
 def load(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
