@@ -101,36 +101,98 @@ def run_layer(model, layer_params, x):
   return jax.lax.map(lambda xi: mod.apply({"params": layer_params}, xi[None], positions, mask)[0][0], x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def collect_hessians(model, layer_params, x, names: tuple[str, ...]):
-  """``{name: H [in, in]}`` float32 for the layer's linears at relative paths ``names`` (e.g. ``mlp/up_proj``).
+STATS = ("hessian", "absmax", "absmean")
 
-  ``H = (2 / n) sum_{windows, tokens} x x^T``, accumulated with a scan over the ``n`` windows of ``x``.
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[str, ...] = ("hessian",)):
+  """``{name: {kind: stat}}`` float32 for the layer's linears at relative paths ``names`` (``mlp/up_proj``).
+
+  Statistics of each linear's input ``x`` over all windows and tokens, accumulated with a scan over the ``n``
+  windows of ``x`` (no activation is stored): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
+  ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ).
   """
   positions, mask = _static_inputs(x.shape[1])
   mod = model.layer_module()
+  update = {"hessian": lambda acc, a: acc + a.T @ a,
+            "absmax": lambda acc, a: jnp.maximum(acc, jnp.max(jnp.abs(a), axis=0)),
+            "absmean": lambda acc, a: acc + jnp.sum(jnp.abs(a), axis=0)}
 
-  def body(hs, xi):
+  def body(acc, xi):
     captured = {}
 
     def grab(next_fun, args, kwargs, context):
       name = "/".join(context.module.path)
-      if isinstance(context.module, layers.Linear) and context.method_name == "__call__" and name in hs:
+      if isinstance(context.module, layers.Linear) and context.method_name == "__call__" and name in acc:
         captured[name] = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(grab):
       mod.apply({"params": layer_params}, xi[None], positions, mask)
-    return {n: hs[n] + captured[n].T @ captured[n] for n in hs}, None
+    return {n: {k: update[k](acc[n][k], captured[n]) for k in kinds} for n in acc}, None
 
-  h0 = {n: jnp.zeros((_in_features(layer_params, n),) * 2, jnp.float32) for n in names}
-  hs, _ = jax.lax.scan(body, h0, x)
-  return {n: h * (2.0 / x.shape[0]) for n, h in hs.items()}
+  def zeros(n, kind):
+    d = _in_features(layer_params, n)
+    return jnp.zeros((d, d) if kind == "hessian" else (d,), jnp.float32)
+
+  acc, _ = jax.lax.scan(body, {n: {k: zeros(n, k) for k in kinds} for n in names}, x)
+  scale = {"hessian": 2.0 / x.shape[0], "absmax": 1.0, "absmean": 1.0 / (x.shape[0] * x.shape[1])}
+  return {n: {k: v * scale[k] for k, v in s.items()} for n, s in acc.items()}
 
 
 def _in_features(layer_params, name):
   w = tree.flatten(layer_params)[f"{name}/weight"]
   return w.shape[1]
+
+
+LayerFn = Callable[[int, str, dict, jax.Array], tuple[dict, dict[str, float]]]
+
+
+def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate: str = "new",
+                progress: bool = True, desc: str = "calibrate"):
+  """Runs ``process`` on every decoder layer in order, feeding each layer the calibration activations.
+
+  ``process(i, prefix, layer_params, x [n, T, hidden]) -> (new_layer_params, losses)`` sees the layer's
+  parameters (paths relative to ``prefix``, e.g. ``self_attn/q_proj/weight``) and its inputs. The next layer's
+  inputs are the outputs of the new layer (``propagate="new"``, GPTQ's quantized-prefix order) or of the
+  float layer (``"fp"``, the teacher's hidden states, as LKD uses). Returns ``(params, CalibrationReport)``; the
+  report has each layer's relative output error ``||new(x) - fp(x)||^2 / ||fp(x)||^2``. The input tree is not
+  modified.
+  """
+  if propagate not in ("new", "fp"):
+    raise ValueError(f"propagate must be 'new' or 'fp', got {propagate!r}")
+  model = calibration.model
+  fam = model.family
+  windows = jnp.asarray(calibration.windows, jnp.int32)
+  check_memory_budget(model, *windows.shape)
+  start = time.perf_counter()
+  flat = tree.flatten(params)
+  x = _embed(model, params, windows)
+  reports = []
+  for i in tqdm(range(model.config.num_layers), desc=desc, disable=not progress, leave=False):
+    t0 = time.perf_counter()
+    prefix = fam.layer_path(i)
+    fp_layer = tree.unflatten({p[len(prefix) + 1:]: v for p, v in flat.items() if p.startswith(prefix + "/")})
+    layer, losses = process(i, prefix, fp_layer, x)
+    y = run_layer(model, layer, x)
+    y_fp = run_layer(model, fp_layer, x)
+    rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
+    x = y if propagate == "new" else y_fp
+    del y, y_fp
+    for p, v in tree.flatten(layer).items():
+      flat[f"{prefix}/{p}"] = v
+    reports.append(LayerReport(i, time.perf_counter() - t0, rel, losses))
+  report = CalibrationReport(reports, time.perf_counter() - start, peak_host_bytes(),
+                             activation_bytes(model, *windows.shape))
+  return tree.unflatten(flat), report
+
+
+def layer_linears(model: CausalLM, prefix: str, targets: tuple[str, ...], roles) -> tuple[str, ...]:
+  """Paths (relative to the layer) of the linears among ``roles`` whose weights match ``targets``."""
+  fam = model.family
+  regs = [re.compile(t) for t in targets]
+  return tuple(fam.linear_path(r) for r in roles
+               if any(rg.fullmatch(f"{prefix}/{fam.linear_path(r)}/weight") for rg in regs))
 
 
 QuantizeLinear = Callable[[str, jax.Array, jax.Array], tuple[object, float]]
@@ -139,46 +201,27 @@ QuantizeLinear = Callable[[str, jax.Array, jax.Array], tuple[object, float]]
 def quantize_layerwise(params, calibration: Calibration, quantize_linear: QuantizeLinear, *,
                        targets: tuple[str, ...], true_sequential: bool = False, progress: bool = True,
                        desc: str = "calibrate"):
-  """Quantizes the decoder linears matching ``targets`` layer by layer.
+  """Quantizes the decoder linears matching ``targets`` layer by layer (:func:`walk_layers`).
 
   ``quantize_linear(path, w [out, in], H [in, in]) -> (QArray, loss)`` is the method's per-matrix core.
-  Returns the new parameter tree and a :class:`CalibrationReport`. The input tree is not modified.
+  Returns the new parameter tree and a :class:`CalibrationReport`.
   """
   model = calibration.model
   fam = model.family
-  windows = jnp.asarray(calibration.windows, jnp.int32)
-  check_memory_budget(model, *windows.shape)
-  regs = [re.compile(t) for t in targets]
-  start = time.perf_counter()
-  flat = tree.flatten(params)
-  x = _embed(model, params, windows)
-  reports = []
   groups = fam.sequential if true_sequential else (tuple(r for r, _ in fam.linears),)
-  for i in tqdm(range(model.config.num_layers), desc=desc, disable=not progress, leave=False):
-    t0 = time.perf_counter()
-    prefix = fam.layer_path(i)
-    fp_layer = tree.unflatten({p[len(prefix) + 1:]: v for p, v in flat.items() if p.startswith(prefix + "/")})
-    layer = fp_layer
+
+  def process(i, prefix, layer, x):
     losses = {}
     for group in groups:
-      names = tuple(fam.linear_path(r) for r in group
-                    if any(rg.fullmatch(f"{prefix}/{fam.linear_path(r)}/weight") for rg in regs))
+      names = layer_linears(model, prefix, targets, group)
       if not names:
         continue
-      hs = collect_hessians(model, layer, x, names)
+      stats = collect_stats(model, layer, x, names)
       new = {}
       for n in names:
         new[f"{n}/weight"], losses[n] = quantize_linear(f"{prefix}/{n}/weight", tree.flatten(layer)[f"{n}/weight"],
-                                                        hs[n])
+                                                        stats[n]["hessian"])
       layer = tree.replace(layer, new, lambda p, _: new[p])
-    y = run_layer(model, layer, x)
-    y_fp = run_layer(model, fp_layer, x)
-    rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
-    del y_fp
-    for p, v in tree.flatten(layer).items():
-      flat[f"{prefix}/{p}"] = v
-    x = y
-    reports.append(LayerReport(i, time.perf_counter() - t0, rel, losses))
-  report = CalibrationReport(reports, time.perf_counter() - start, peak_host_bytes(),
-                             activation_bytes(model, *windows.shape))
-  return tree.unflatten(flat), report
+    return layer, losses
+
+  return walk_layers(params, calibration, process, progress=progress, desc=desc)

@@ -14,13 +14,13 @@ so an interrupted save leaves no partial checkpoint (and the source model folder
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
@@ -51,7 +51,8 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
   for path, leaf in tree.flatten(params).items():
     if isinstance(leaf, QuantizedTensor):
       cls = type(leaf)
-      qmeta[path] = {"type": cls.__name__, **{k: getattr(leaf, k) for k in static_fields(cls)}}
+      qmeta[path] = {"type": cls.__name__, "module": cls.__module__,
+                     **{k: getattr(leaf, k) for k in static_fields(cls)}}
       flat.update({f"{path}/{k}": getattr(leaf, k) for k in data_fields(cls) if getattr(leaf, k) is not None})
     else:
       flat[path] = leaf
@@ -115,6 +116,7 @@ def load_params(path) -> tuple[dict, dict]:
   flat = tree.flatten(ocp.StandardCheckpointer().restore(path / "params"))
   for qpath, static in meta["qarrays"].items():
     static = dict(static)
+    importlib.import_module(static.pop("module", "qjax.qarray"))  # registers the type
     cls = QUANTIZED_TYPES[static.pop("type")]
     fields = {k: (None if f"{qpath}/{k}" not in flat else jnp.asarray(flat.pop(f"{qpath}/{k}")))
               for k in data_fields(cls)}

@@ -8,12 +8,17 @@ import dataclasses
 import math
 from pathlib import Path
 
-from qjax import assets, calibration, data, tree
+from qjax import assets, calibration, data, scaling, tree
 from qjax.errors import InputError
-from qjax.methods import gptq, rtn
+from qjax.methods import awq, gptq, llm_int8, rtn
 
-METHODS = ("none", "rtn", "gptq", "spqr")
-CALIBRATED = ("gptq", "spqr")
+METHODS = ("none", "rtn", "gptq", "spqr", "awq", "llm_int8")
+CALIBRATED = ("gptq", "spqr", "awq")
+
+
+def needs_calibration(args) -> bool:
+  """Whether the run needs calibration windows (a calibrated method, or SmoothQuant before any method)."""
+  return args.method in CALIBRATED or getattr(args, "smoothquant", False)
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -22,7 +27,7 @@ def add_args(p: argparse.ArgumentParser):
   g.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
   g.add_argument("--groupsize", type=int, default=-1, help="input columns per group; -1 = per output channel")
   g.add_argument("--sym", action="store_true", help="symmetric weight quantization (default asymmetric)")
-  c = p.add_argument_group("calibration (gptq, spqr)")
+  c = p.add_argument_group("calibration (gptq, spqr, smoothquant)")
   src = c.add_mutually_exclusive_group()
   src.add_argument("--calib-text", help="calibration text file")
   src.add_argument("--calib-dataset", default="tinystories",
@@ -40,6 +45,11 @@ def add_args(p: argparse.ArgumentParser):
   s.add_argument("--qq-groupsize", type=int, default=16, help="output rows sharing 2nd-level statistics")
   s.add_argument("--outlier-threshold", type=float, default=math.inf, help="relative outlier threshold (inf: none)")
   s.add_argument("--simplified-outliers", action="store_true", help="skip leave-one-out outlier pre-detection")
+  a = p.add_argument_group("AWQ")
+  a.add_argument("--awq-grid", type=int, default=20, help="alpha grid points in [0, 1) (default 20)")
+  a.add_argument("--no-awq-clip", action="store_true", help="skip the clipping-range search")
+  i = p.add_argument_group("LLM.int8")
+  i.add_argument("--int8-threshold", type=float, default=6.0, help="outlier feature threshold (default 6.0)")
 
 
 def validate(args):
@@ -50,7 +60,9 @@ def validate(args):
     raise InputError(f"--groupsize must be -1 (per channel) or a positive number of columns, got {args.groupsize}")
   if getattr(args, "load", None) and args.method != "none":
     raise InputError("--load reads an already quantized checkpoint; use --model to quantize again")
-  if args.method not in CALIBRATED:
+  if args.method == "llm_int8":
+    _validate_llm_int8(args)
+  if not needs_calibration(args):
     return
   if args.static_groups and args.groupsize <= 0:
     raise InputError("--static-groups needs groups (--groupsize > 0)")
@@ -67,6 +79,8 @@ def validate(args):
       raise InputError(f"--calib-text file {args.calib_text} does not exist")
   else:
     assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)
+  if args.method == "awq" and args.awq_grid < 1:
+    raise InputError(f"--awq-grid must be positive, got {args.awq_grid}")
   if args.method == "spqr":
     for flag in ("qq_scale_bits", "qq_zero_bits"):
       if not 1 <= getattr(args, flag) <= 8:
@@ -77,6 +91,11 @@ def validate(args):
       raise InputError(f"--qq-groupsize must be positive, got {args.qq_groupsize}")
     if not args.outlier_threshold > 0:
       raise InputError(f"--outlier-threshold must be positive, got {args.outlier_threshold}")
+
+
+def _validate_llm_int8(args):
+  if not args.int8_threshold > 0:
+    raise InputError(f"--int8-threshold must be positive, got {args.int8_threshold}")
 
 
 def config(args):
@@ -94,11 +113,17 @@ def config(args):
                            act_order=args.act_order, percdamp=args.percdamp,
                            simplified_outliers=args.simplified_outliers, true_sequential=args.true_sequential,
                            block_size=args.block_size)
+  if args.method == "awq":
+    return awq.AWQConfig(**common, sym=args.sym, n_grid=args.awq_grid, clip=not args.no_awq_clip)
+  if args.method == "llm_int8":
+    return llm_int8.LLMInt8Config(threshold=args.int8_threshold)
   return None
 
 
 def validate_for_model(args, model, params, cfg):
   """Checks that need the architecture (still before any long work)."""
+  if args.method == "awq" or getattr(args, "smoothquant", False) or getattr(args, "plant_outliers", 0):
+    scaling.check_foldable(model.config)
   if args.method == "spqr":  # the library handles a partial last row group; the CLI keeps the reference's rule
     flat = tree.flatten(params)
     for p in tree.matching(params, cfg.targets):
@@ -126,6 +151,10 @@ def run(args, cfg, params, calib, progress: bool):
   if args.method == "spqr":
     from qjax.methods import spqr
     return spqr.quantize_with_report(params, cfg, calib, progress=progress)
+  if args.method == "awq":
+    return awq.quantize_with_report(params, cfg, calib, progress=progress)
+  if args.method == "llm_int8":
+    return llm_int8.quantize(params, cfg, progress=progress), None
   return params, None
 
 

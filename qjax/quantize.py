@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
-import jax
-
-from qjax import assets, checkpoint, cli, data, hf_gptq, method_cli, perplexity, size
+from qjax import act_cli, assets, checkpoint, cli, data, hf_gptq, perplexity, recipe, size
 from qjax.errors import InputError
-from qjax.kernels.qmatmul import path_name
-from qjax.qarray import is_quantized
 
 PROG = "python -m qjax.quantize"
 
@@ -24,7 +19,7 @@ PROG = "python -m qjax.quantize"
 def build_parser() -> cli.Parser:
   p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
   cli.add_model_args(p)
-  method_cli.add_args(p)
+  recipe.add_args(p)
   p.add_argument("--eval", default="ppl", choices=("ppl", "none"), help="evaluation to run")
   p.add_argument("--ppl-datasets", default="tinystories",
                  help=f"comma-separated named texts ({', '.join(assets.PPL_DATASETS)}) or 'none'")
@@ -35,7 +30,7 @@ def build_parser() -> cli.Parser:
   p.add_argument("--baseline", action="store_true", help="also evaluate the unquantized model")
   p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
   p.add_argument("--export-gptq", metavar="DIR",
-                 help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn or gptq only")
+                 help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn, gptq or awq")
   p.add_argument("--overwrite", action="store_true", help="allow --save/--json to replace existing paths")
   p.add_argument("--json", help="write the results as JSON to this file")
   p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -57,7 +52,7 @@ def _texts(args) -> dict[str, Path]:
 
 
 def _validate(args):
-  method_cli.validate(args)
+  recipe.validate(args)
   if args.seqlen is not None and args.seqlen < 2:
     raise InputError(f"--seqlen must be at least 2, got {args.seqlen}")
   if args.eval_nsamples is not None and args.eval_nsamples < 1:
@@ -69,8 +64,8 @@ def _validate(args):
   if args.save:
     checkpoint.check_destination(args.save, args.overwrite)
   if args.export_gptq:
-    if args.method not in ("rtn", "gptq"):
-      raise InputError("--export-gptq needs --method rtn or gptq")
+    if args.method not in ("rtn", "gptq", "awq"):
+      raise InputError("--export-gptq needs --method rtn, gptq or awq")
     checkpoint.check_destination(args.export_gptq, args.overwrite)
   if args.json and Path(args.json).exists() and not args.overwrite:
     raise InputError(f"--json file {args.json} already exists (pass --overwrite to replace it)")
@@ -93,40 +88,32 @@ def run(argv=None) -> int:
     if len(tokens[name]) < seqlen:  # fail before any long work
       raise InputError(f"text {name!r} has {len(tokens[name])} tokens, fewer than one window of seqlen {seqlen}")
   source_dir = cli.model_dir(args)
-  cfg = method_cli.config(args)
-  method_cli.validate_for_model(args, model, params, cfg)
-  calib = (method_cli.calibration_data(args, model, tok, args.seed) if args.method in method_cli.CALIBRATED
-           else None)
+  q = recipe.apply(args, model, params, meta, tok, not args.no_progress)
+  qparams, act, cfg, method = q.params, q.act, q.config, q.method
 
-  t0 = time.perf_counter()
-  qparams, report = method_cli.run(args, cfg, params, calib, not args.no_progress)
-  jax.block_until_ready(qparams)
-  quant_seconds = time.perf_counter() - t0
-  method = {"name": args.method, "config": method_cli.config_dict(cfg)} if not args.load else meta["method"]
-
-  def evaluate(p, tag):
-    return {n: perplexity.perplexity(model, p, t, seqlen, args.eval_nsamples, args.batch_size,
+  def evaluate(m, p, tag):
+    return {n: perplexity.perplexity(m, p, t, seqlen, args.eval_nsamples, args.batch_size,
                                      not args.no_progress, f"ppl {n} ({tag})") for n, t in tokens.items()}
 
-  results = evaluate(qparams, "quantized" if method["name"] != "none" else "fp")
-  baseline = evaluate(params, "fp") if args.baseline else {}
+  results = evaluate(q.model, qparams, "quantized" if q.quantized else "fp")
+  baseline = evaluate(model, q.float_params, "fp") if args.baseline else {}
   if args.save:
     checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
                     overwrite=args.overwrite)
   exported = _export_gptq(args, cfg, qparams, source_dir) if args.export_gptq else None
   rep = size.size_report(qparams)
-  paths = sorted({path_name(l) for l in jax.tree_util.tree_leaves(qparams, is_leaf=is_quantized)
-                  if is_quantized(l)}) or ["dense"]
+  paths = act_cli.matmul_paths(model, qparams, act)
   tps = [r.tokens_per_second for r in results.values()]
   out = {
       "ppl": {n: r.ppl for n, r in results.items()},
       "size": {"bits_per_weight": rep.bits_per_weight, "quantized_bytes": rep.quantized_bytes,
                "fp16_bytes": rep.fp16_bytes, "compression_ratio": rep.compression,
                "quantized_weights": rep.quantized_weights, "total_weights": rep.total_weights},
-      "timing": {"quantize_seconds": quant_seconds,
+      "timing": {"quantize_seconds": q.seconds,
                  "eval_tokens_per_second": sum(tps) / len(tps) if tps else None},
       "config": {**{k: v for k, v in vars(args).items() if k != "no_progress"}, "seqlen": seqlen,
-                 "model_dir": str(source_dir), "method": method, "matmul_path": ", ".join(paths)},
+                 "model_dir": str(source_dir), "method": method, "matmul_path": ", ".join(paths),
+                 "activations": act_cli.describe(act)},
       "protocol": perplexity.PROTOCOL,
   }
   if args.baseline:
@@ -136,6 +123,10 @@ def run(argv=None) -> int:
     out["size"]["spqr"] = dataclasses.asdict(spqr.bits_summary(qparams))
   if exported is not None:
     out["export_gptq"] = {k: exported[k] for k in ("path", "quantized", "excluded", "reasons")}
+  if q.smooth_report is not None:
+    out["smoothquant"] = {"seconds": q.smooth_report.seconds,
+                          "layers": [{"layer": l.layer, **l.linear_losses} for l in q.smooth_report.layers]}
+  report, calib = q.report, q.calibration
   if report is not None:
     out["calibration"] = {
         "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1]),
@@ -143,7 +134,7 @@ def run(argv=None) -> int:
         "activation_bytes": report.activation_bytes,
         "layers": [{"layer": l.layer, "seconds": l.seconds, "output_rel_error": l.output_rel_error,
                     "linear_losses": l.linear_losses} for l in report.layers]}
-  _print_summary(out, results, baseline, method["name"])
+  _print_summary(out, results, baseline, recipe.label(q, args), {p for _, p in model.family.linears})
   if args.json:
     cli.write_json(args.json, out)
   return 0
@@ -160,12 +151,16 @@ def _export_gptq(args, cfg, qparams, source_dir):
   return summary
 
 
-def _print_summary(out, results, baseline, method):
+def _print_summary(out, results, baseline, method, linears):
+  """Tables: per-layer calibration (linear losses summed; other per-layer figures, e.g. AWQ's alpha or LKD's
+  MSE, one column each), perplexity, size and paths."""
   if "calibration" in out:
     c = out["calibration"]
-    print(cli.format_table(["layer", "rel. output error", "sum of losses", "seconds"], [
-        [l["layer"], f"{l['output_rel_error']:.3e}", f"{sum(l['linear_losses'].values()):.4g}", f"{l['seconds']:.2f}"]
-        for l in c["layers"]]))
+    extra = [k for k in c["layers"][0]["linear_losses"] if k not in linears]
+    print(cli.format_table(["layer", "rel. output error", "sum of losses", *extra, "seconds"], [
+        [l["layer"], f"{l['output_rel_error']:.3e}",
+         f"{sum(v for k, v in l['linear_losses'].items() if k in linears):.4g}",
+         *[l["linear_losses"].get(k, "-") for k in extra], f"{l['seconds']:.2f}"] for l in c["layers"]]))
     print(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['seconds']:.1f} s, activations "
           f"{c['activation_bytes'] / 2**20:.1f} MiB, peak host memory {c['peak_host_bytes'] / 2**30:.2f} GiB\n")
   rows = []
@@ -186,6 +181,7 @@ def _print_summary(out, results, baseline, method):
     print()
   print(cli.format_table(["model", "value"], [
       ["method", method],
+      ["activations", out["config"]["activations"]],
       ["matmul path", out["config"]["matmul_path"]],
       ["fp16-equivalent bytes", f"{s['fp16_bytes']:,}"],
       ["quantized bytes", f"{s['quantized_bytes']:,}"],

@@ -5,7 +5,7 @@ For a set of values ``x`` (one row, one group of a row, or one token) with ``max
     xmin = min(min(x), 0);  xmax = max(max(x), 0)           # the range always contains 0
     sym:  xmax = max(|xmin|, xmax);  xmin = -xmax
     xmin == xmax == 0  ->  xmin, xmax = -1, +1
-    scale = _true_divide(xmax - xmin, jnp.full_like(xmax, maxq))
+    scale = true_divide(xmax - xmin, jnp.full_like(xmax, maxq))
     zero  = (maxq + 1) / 2 if sym else round(-xmin / scale)  # integer zero point, round half to even
     q     = clip(round(x / scale) + zero, 0, maxq);   x_hat = scale * (q - zero)
 
@@ -25,15 +25,17 @@ import jax
 import jax.numpy as jnp
 
 
-def _true_divide(a: jax.Array, b: jax.Array) -> jax.Array:
+def true_divide(a: jax.Array, b: jax.Array) -> jax.Array:
   """IEEE ``a / b`` with ``b`` broadcast to ``a``'s shape.
 
   XLA rewrites a division by a broadcast operand into a multiplication by its reciprocal, which is up to 1 ulp
   off and flips round-half-to-even ties (e.g. ``-absmax / scale = -3.5`` at 3 bits, symmetric). The optimization
-  barrier keeps the divisor an opaque full-size array so the division stays exact, as in the reference.
+  barrier keeps the divisor an opaque full-size array so the division stays exact, as in the reference; adding
+  ``0 * a`` (exact for finite ``a``) makes the divisor depend on ``a`` so that under ``vmap`` it is batched too
+  and the barrier still sits between the division and any broadcast.
   """
   a, b = jnp.broadcast_arrays(a, b)
-  return a / jax.lax.optimization_barrier(b)
+  return a / jax.lax.optimization_barrier(b + 0 * a)  # "+ 0 * a": batched like ``a`` under vmap
 
 
 def num_groups(n: int, group_size: int) -> int:
@@ -71,7 +73,7 @@ def fit(x: jax.Array, bits: int, sym: bool, axis: int = -1) -> tuple[jax.Array, 
   dead = (xmin == 0) & (xmax == 0)
   xmin = jnp.where(dead, -1.0, xmin)
   xmax = jnp.where(dead, 1.0, xmax)
-  scale = _true_divide(xmax - xmin, jnp.full_like(xmax, maxq))
+  scale = true_divide(xmax - xmin, jnp.full_like(xmax, maxq))
   zero = jnp.full_like(scale, (maxq + 1) / 2) if sym else jnp.round(-xmin / scale)
   return scale, zero
 
@@ -79,7 +81,7 @@ def fit(x: jax.Array, bits: int, sym: bool, axis: int = -1) -> tuple[jax.Array, 
 def quantize(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
   """Integer codes ``clip(round(x / scale) + zero, 0, maxq)`` as float32 (exact small integers)."""
   x = x.astype(jnp.float32)
-  return jnp.clip(jnp.round(_true_divide(x, scale)) + zero, 0, 2**bits - 1)
+  return jnp.clip(jnp.round(true_divide(x, scale)) + zero, 0, 2**bits - 1)
 
 
 def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:

@@ -101,6 +101,13 @@ BAD = {
     "qq_groupsize_not_dividing": (["--method", "spqr", "--groupsize", "16", "--qq-groupsize", "16"],
                                   ["--qq-groupsize", "16", "172"]),
     "calib_text_missing": (["--method", "gptq", "--calib-text", "{t}/no-calib.txt"], ["no-calib.txt", "does not exist"]),
+    "abits_1": (["--abits", "1"], ["--abits", "1"]),
+    "act_groupsize_without_abits": (["--act-groupsize", "16"], ["--act-groupsize", "--abits"]),
+    "int8_kernel_needs_a8": (["--method", "rtn", "--wbits", "8", "--int8-kernel"], ["--int8-kernel", "--abits 8"]),
+    "int8_kernel_needs_w8": (["--method", "rtn", "--abits", "8", "--int8-kernel"], ["--int8-kernel", "--wbits 8"]),
+    "llm_int8_with_abits": (["--method", "llm_int8", "--abits", "8"], ["LLM.int8", "--abits"]),
+    "smoothquant_alpha": (["--smoothquant", "--alpha", "1.5"], ["--alpha", "1.5"]),
+    "plant_too_many_outliers": (["--plant-outliers", "100"], ["100", "outlier", "64"]),
     "calib_too_short": (["--method", "gptq", "--calib-text", "{t}/short.txt", "--calib-seqlen", "64"],
                         ["calibration text", "64"]),
 }
@@ -288,7 +295,7 @@ def test_rtn_w4g32_with_baseline_and_json(runs):
   assert Path(cfg["model_dir"]).resolve() == STORIES.resolve()
   assert "GPTQ" in out["protocol"]
   # The summary tables on stdout.
-  for text in ("dataset", "tinystories", "fp ppl", "rtn ppl", "bits / quantized weight",
+  for text in ("dataset", "tinystories", "fp ppl", "rtn W4 ppl", "bits / quantized weight",
                f"{size['bits_per_weight']:.3f}", f"{size['quantized_bytes']:,}", "compression vs fp16"):
     assert text in proc.stdout, (text, proc.stdout)
   assert f"{q:.4g}" in proc.stdout and f"{fp:.4g}" in proc.stdout
@@ -352,5 +359,5 @@ def test_random_opt_end_to_end(runs):
   assert 3.0 < out["size"]["bits_per_weight"] < 3.5  # 3-bit codes + one fp16 scale per row, no zero points
   assert out["config"]["method"]["config"] == {**out["config"]["method"]["config"],
                                                "bits": 3, "group_size": -1, "sym": True}
-  assert "story.txt" in proc.stdout and "rtn ppl" in proc.stdout
+  assert "story.txt" in proc.stdout and "rtn W3 ppl" in proc.stdout
   assert _hashes(ctx["opt"]) == ctx["opt_hashes_before"]

@@ -1,2 +1,19 @@
-"""Quantization methods: one module per method, each with a per-matrix core (``quantize_weight``) and a
-model-level pytree transform (``quantize(params, config) -> params``)."""
+"""Quantization methods, one module per method: a per-matrix core (``quantize_weight``) and a model-level
+transform (``quantize``)."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from qjax import tree
+from qjax.qarray import is_quantized
+
+
+def quantize_matching(params, targets, quantize_weight, *, desc: str, progress: bool = True):
+  """A new tree with every still-dense weight whose path matches a ``targets`` regex replaced by
+  ``quantize_weight(w)`` (calibration-free methods)."""
+  flat = tree.flatten(params)
+  paths = [p for p in tree.matching(params, targets) if not is_quantized(flat[p])]
+  bar = tqdm(paths, desc=desc, disable=not progress, leave=False)
+  out = tree.replace(params, paths, lambda p, w: (bar.update(), quantize_weight(w))[1])
+  bar.close()
+  return out

@@ -44,7 +44,6 @@ _SEGMENTS = 4
 def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, block_size):
   out, cols = w.shape
   g = group_size
-  maxq = 2**bits - 1
   w = w.astype(jnp.float32)
   h = h.astype(jnp.float32)
   chan_scale, chan_zero = uniform.fit(w, bits, sym)                      # [out, 1], before dead columns

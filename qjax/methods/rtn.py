@@ -13,11 +13,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
-from qjax import tree, uniform
+from qjax import uniform
+from qjax.methods import quantize_matching
 from qjax.models.families import DECODER_LINEARS
-from qjax.qarray import QArray, is_quantized
+from qjax.qarray import QArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +46,6 @@ def quantize_weight(w: jax.Array, *, bits: int, group_size: int = -1, sym: bool 
 
 def quantize(params, config: RTNConfig = RTNConfig(), progress: bool = True):
   """Returns a new parameter tree with each targeted dense weight replaced by its RTN QArray."""
-  flat = tree.flatten(params)
-  paths = [p for p in tree.matching(params, config.targets) if not is_quantized(flat[p])]
-  bar = tqdm(paths, desc=f"RTN W{config.bits}", disable=not progress, leave=False)
-  fn = lambda p, w: quantize_weight(w, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                                    scale_dtype=config.scale_dtype)
-  out = tree.replace(params, paths, lambda p, w: (bar.update(), fn(p, w))[1])
-  bar.close()
-  return out
+  return quantize_matching(params, config.targets, functools.partial(
+      quantize_weight, bits=config.bits, group_size=config.group_size, sym=config.sym,
+      scale_dtype=config.scale_dtype), desc=f"RTN W{config.bits}", progress=progress)

@@ -237,14 +237,14 @@ def _fit(x, mask, bits, sym, exact_flat=False):
   flat = xmin >= xmax
   xmin = jnp.where(flat, xmin if exact_flat else -1.0, xmin)
   xmax = jnp.where(flat, xmin + 1.0 if exact_flat else 1.0, xmax)
-  scale = uniform._true_divide(xmax - xmin, jnp.full_like(xmax, maxq))
+  scale = uniform.true_divide(xmax - xmin, jnp.full_like(xmax, maxq))
   zero = jnp.full_like(scale, (maxq + 1) / 2) if sym else -xmin / scale
   return scale, zero
 
 
 def _quantize(x, scale, zero, bits):
   """Float32 codes ``clip(round(x / max(scale, 1e-9) + zero), 0, maxq)`` (zero not necessarily an integer)."""
-  return jnp.clip(jnp.round(uniform._true_divide(x, jnp.maximum(scale, _EPS)) + zero), 0, 2**bits - 1)
+  return jnp.clip(jnp.round(uniform.true_divide(x, jnp.maximum(scale, _EPS)) + zero), 0, 2**bits - 1)
 
 
 def _quantize_stat(v, bits, run, stats_dtype):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from qjax import hf_gptq
 from qjax.models import hf

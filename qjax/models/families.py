@@ -17,6 +17,11 @@ class Family:
   layers_prefix: str                            # decoder layer i lives at f"{layers_prefix}_{i}"
   linears: tuple[tuple[str, str], ...]           # (role, path inside a layer), in execution order
   norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]  # (norm path inside a layer, roles it feeds)
+  # (first role, second role, condition): the first linear's output rows feed the second's input columns one to
+  # one (per-channel scales fold between them) when the condition holds: "" always, "mha" without grouped-query
+  # attention (with GQA one value row feeds several heads' columns), "relu" with a ReLU activation (positively
+  # homogeneous; GELU/SiLU between them is not)
+  linear_feeds: tuple[tuple[str, str, str], ...]
   sequential: tuple[tuple[str, ...], ...]        # true-sequential groups of roles
   rope_roles: tuple[str, ...]                    # projections whose outputs get RoPE
   embed: str
@@ -28,6 +33,11 @@ class Family:
 
   def linear_path(self, role: str) -> str:
     return dict(self.linears)[role]
+
+  def foldable_linear_pairs(self, config) -> tuple[tuple[str, str], ...]:
+    """The ``linear_feeds`` pairs ``(first, second)`` (roles) whose condition holds for ``config``."""
+    ok = {"": True, "mha": config.num_kv_heads == config.num_heads, "relu": config.hidden_act == "relu"}
+    return tuple((a, b) for a, b, cond in self.linear_feeds if ok[cond])
 
   @property
   def linear_pattern(self) -> str:
@@ -43,6 +53,7 @@ LLAMA = Family(
              ("o", "self_attn/o_proj"), ("gate", "mlp/gate_proj"), ("up", "mlp/up_proj"),
              ("down", "mlp/down_proj")),
     norm_feeds=(("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("gate", "up"))),
+    linear_feeds=(("v", "o", "mha"), ("up", "down", "")),
     sequential=(("q", "k", "v"), ("o",), ("gate", "up"), ("down",)),
     rope_roles=("q", "k"),
     embed="model/embed_tokens/weight",
@@ -55,6 +66,7 @@ OPT = Family(
     linears=(("q", "self_attn/q_proj"), ("k", "self_attn/k_proj"), ("v", "self_attn/v_proj"),
              ("o", "self_attn/out_proj"), ("fc1", "fc1"), ("fc2", "fc2")),
     norm_feeds=(("self_attn_layer_norm", ("q", "k", "v")), ("final_layer_norm", ("fc1",))),
+    linear_feeds=(("v", "o", "mha"), ("fc1", "fc2", "relu")),
     sequential=(("q", "k", "v"), ("o",), ("fc1",), ("fc2",)),
     rope_roles=(),
     embed="model/decoder/embed_tokens/weight",

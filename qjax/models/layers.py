@@ -55,7 +55,7 @@ class Linear(nn.Module):
   def __call__(self, x):
     w = self.variable("params", "weight",
                       lambda: _normal()(self.make_rng("params"), (self.out_features, self.in_features), self.dtype))
-    y = qmatmul(_apply(self.input_hook, x), w.value)
+    y = qmatmul(x, w.value, self.input_hook)
     if self.use_bias:
       b = self.variable("params", "bias", lambda: jnp.zeros((self.out_features,), self.dtype))
       y = y + b.value.astype(y.dtype)

@@ -1,0 +1,84 @@
+"""The quantization recipe shared by the command-line entry points (``qjax.quantize``, ``qjax.generate``): one
+set of flags (:mod:`qjax.method_cli` for weights, :mod:`qjax.act_cli` for activations), one validation, and the
+transforms in a fixed order::
+
+    plant outliers -> SmoothQuant -> weight method -> int8 weights -> activation-quantizer hooks
+
+Every step is a pure ``params -> params`` transform; the result keeps the prepared float parameters (outliers
+planted, if asked) as the baseline to compare against.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+
+from qjax import act_cli, method_cli
+from qjax.act_quant import ActQuantConfig
+from qjax.methods import smoothquant
+from qjax.models import CausalLM
+
+
+def add_args(p: argparse.ArgumentParser):
+  method_cli.add_args(p)
+  act_cli.add_args(p)
+
+
+def validate(args):
+  """Checks that need no model."""
+  method_cli.validate(args)
+  act_cli.validate(args)
+
+
+@dataclasses.dataclass
+class Quantized:
+  model: CausalLM                  # with the activation-quantizer hooks
+  params: dict                     # quantized
+  float_model: CausalLM            # without hooks
+  float_params: dict               # the float parameters the recipe started from (outliers planted, if asked)
+  act: ActQuantConfig
+  config: object                   # the weight method's config (None for none / --load)
+  method: dict                     # what ran, as saved with a checkpoint
+  calibration: object              # Calibration or None
+  report: object                   # the weight method's CalibrationReport or None
+  smooth_report: object            # SmoothQuant's CalibrationReport or None
+  seconds: float                   # time of the transforms (calibration data excluded)
+
+  @property
+  def quantized(self) -> bool:
+    return self.method["name"] != "none" or self.act.enabled or bool(self.method.get("smoothquant"))
+
+
+def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress: bool) -> Quantized:
+  """Runs the recipe the flags describe on ``(model, params)`` (``meta``: the checkpoint metadata with
+  ``--load``, whose saved activation quantizer is reused unless ``--abits`` is given)."""
+  cfg = method_cli.config(args)
+  method_cli.validate_for_model(args, model, params, cfg)
+  act = act_cli.act_config(args, meta["method"].get("activation") if meta else None)
+  params = act_cli.prepare(args, model, params)
+  calib = method_cli.calibration_data(args, model, tokenizer, args.seed) if method_cli.needs_calibration(args) \
+      else None
+  t0 = time.perf_counter()
+  qparams, smooth_report = params, None
+  if args.smoothquant:
+    qparams, smooth_report = smoothquant.smooth_with_report(qparams, smoothquant.SmoothQuantConfig(args.alpha), calib,
+                                                            progress=progress)
+  qparams, report = method_cli.run(args, cfg, qparams, calib, progress)
+  if args.int8_kernel:
+    qparams = act_cli.to_int8(qparams)
+  jax.block_until_ready(qparams)
+  seconds = time.perf_counter() - t0
+  method = ({"name": args.method, "config": method_cli.config_dict(cfg), **act_cli.config_dict(act, args)}
+            if meta is None else {**meta["method"], "activation": dataclasses.asdict(act)})
+  return Quantized(model.with_hooks(act.hooks()), qparams, model, params, act, cfg, method, calib, report,
+                   smooth_report, seconds)
+
+
+def label(q: Quantized, args) -> str:
+  """Short name of what ran, e.g. ``smoothquant+rtn W8A8``."""
+  name = ("smoothquant+" if args.smoothquant else "") + q.method["name"]
+  bits = (q.method.get("config") or {}).get("bits")
+  wa = (f"W{bits}" if bits else "") + (f"A{q.act.bits}" if q.act.enabled else "")
+  return f"{name} {wa}" if wa else name
