@@ -12,8 +12,10 @@ class SelfAttention(nn.Module):
   """q/k/v projections, optional RoPE on q and k, grouped-query attention, output projection.
 
   ``x [b, t, hidden]``, ``positions [b, t]`` int, ``mask [b, t, s]`` bool. Without a cache ``s = t``; with a
-  layer cache (see :mod:`qjax.models.kv_cache`) the new keys/values are written at ``cache_index`` and
-  attention reads the cache's ``s = max_len`` slots. Returns ``(y [b, t, hidden], new_layer_cache)``.
+  layer cache (see :mod:`qjax.models.kv_cache`) the new keys (before RoPE, with the rotation to apply) and
+  values are written at ``cache_index`` and attention reads the cache's ``s = max_len`` slots. Without a cache
+  and with the ``kv_past`` hook, that hook computes the attention (quantized-cache simulation). Returns
+  ``(y [b, t, hidden], new_layer_cache)``.
   """
   config: ModelConfig
   out_name: str
@@ -31,10 +33,17 @@ class SelfAttention(nn.Module):
     q = lin("q_proj", c.hidden_size, h * d)(x).reshape(b, t, h, d)
     k = lin("k_proj", c.hidden_size, kvh * d)(x).reshape(b, t, kvh, d)
     v = lin("v_proj", c.hidden_size, kvh * d)(x).reshape(b, t, kvh, d)
+    rope = None
     if self.rope:
       inv = layers.rope_inv_freq(d, c.rope_theta, c.rope_scaling_dict)
-      q, k = layers.apply_rope(q, positions, inv), layers.apply_rope(k, positions, inv)
+      rope = lambda x, pos: layers.apply_rope(x, pos, inv)
+      q = rope(q, positions)
     if layer_cache is not None:
-      k, v, layer_cache = layer_cache.update(k, v, cache_index)
+      k, v, layer_cache = layer_cache.update(k, v, cache_index, positions, rope)
+    elif self.hooks.kv_past is not None:
+      o = self.hooks.kv_past(q, k, v, positions, mask, d**-0.5, rope).reshape(b, t, h * d)
+      return lin(self.out_name, h * d, c.hidden_size)(o), None
+    elif rope is not None:
+      k = rope(k, positions)
     o = layers.attention(q, k, v, mask, d**-0.5, self.hooks).reshape(b, t, h * d)
     return lin(self.out_name, h * d, c.hidden_size)(o), layer_cache

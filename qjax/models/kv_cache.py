@@ -1,9 +1,11 @@
 """KV caches: pytrees passed to the model's forward and returned updated.
 
 A cache holds, for every decoder layer, a *layer cache* with one method,
-``update(k, v, index) -> (k_all, v_all, new_layer_cache)``: ``k, v [batch, t, kv_heads, head_dim]`` are the
-new tokens' keys (after RoPE) and values written at slots ``index .. index + t - 1``; ``k_all, v_all
-[batch, max_len, kv_heads, head_dim]`` are what attention reads. Quantized caches (KIVI, KVQuant) implement the
+``update(k, v, index, positions, rope) -> (k_all, v_all, new_layer_cache)``: ``k, v [batch, t, kv_heads,
+head_dim]`` are the new tokens' keys BEFORE RoPE and values, written at slots ``index .. index + t - 1``;
+``positions [batch, t]`` are their positions and ``rope(x, positions)`` the rotation (None for models without
+RoPE), so a cache may store keys after RoPE (dense, KIVI) or before (KVQuant quantizes pre-RoPE keys);
+``k_all, v_all [batch, max_len, kv_heads, head_dim]`` (keys after RoPE) are what attention reads. Quantized caches (KIVI, KVQuant) implement the
 same method. The cache itself tracks ``length`` (slots filled, shared by the batch) and ``valid [batch, max_len]``
 (False for padding slots), from which the model builds the attention mask.
 """
@@ -22,7 +24,9 @@ class DenseLayerCache:
   k: jax.Array
   v: jax.Array
 
-  def update(self, k, v, index):
+  def update(self, k, v, index, positions, rope=None):
+    if rope is not None:
+      k = rope(k, positions)
     z = jnp.zeros((), jnp.int32)
     kk = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (z, index, z, z))
     vv = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (z, index, z, z))

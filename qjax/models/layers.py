@@ -26,12 +26,18 @@ class ActivationHooks:
   ``linear_input(x)`` is applied to the input of every decoder linear; ``attn_q``, ``attn_k``, ``attn_probs``
   and ``attn_v`` to the operands of the two attention matmuls (``Q K^T`` and ``P V``). Each maps an array to an
   array of the same shape and dtype (e.g. a fake quantizer); ``attn_k``/``attn_v`` see ``[b, s, kv_heads, d]``.
+
+  ``kv_past`` replaces attention in a cache-free forward pass to simulate a quantized KV cache ("quantized
+  past": each query attends to the keys/values a quantized cache would hold at its decode step):
+  ``kv_past(q, k, v, positions, mask, scale, rope) -> o [b, t, h, d]`` with ``q`` after RoPE, ``k`` BEFORE
+  RoPE and ``rope(x, positions)`` (None without RoPE); see :func:`mixed_attention`.
   """
   linear_input: Hook = None
   attn_q: Hook = None
   attn_k: Hook = None
   attn_probs: Hook = None
   attn_v: Hook = None
+  kv_past: Callable | None = None
 
 
 def _apply(hook: Hook, x):
@@ -158,6 +164,23 @@ def attention(q, k, v, mask, scale: float, hooks: ActivationHooks):
   s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
   p = _apply(hooks.attn_probs, jax.nn.softmax(s, axis=-1).astype(v.dtype))
   o = jnp.einsum("bgrts,bsgd->btgrd", p, v)
+  return o.reshape(b, t, h, d)
+
+
+def mixed_attention(q, k, v, k_hat, v_hat, exact, mask, scale: float):
+  """Attention where query ``t`` sees key/value ``s`` exactly where ``exact [b | 1, t, s]`` is True and as the
+  quantized ``k_hat, v_hat`` elsewhere (``q [b, t, h, d]``; ``k, v, k_hat, v_hat [b, s, kvh, d]``; ``mask [b, t,
+  s]``). Scores and softmax in float32; returns ``[b, t, h, d]`` in ``q.dtype``."""
+  b, t, h, d = q.shape
+  kvh = k.shape[2]
+  q = q.reshape(b, t, kvh, h // kvh, d)
+  e = exact[:, None, None]
+  s = jnp.where(e, jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32),
+                jnp.einsum("btgrd,bsgd->bgrts", q, k_hat, preferred_element_type=jnp.float32)) * scale
+  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = (jnp.einsum("bgrts,bsgd->btgrd", jnp.where(e, p, 0), v)
+       + jnp.einsum("bgrts,bsgd->btgrd", jnp.where(e, 0, p), v_hat.astype(v.dtype)))
   return o.reshape(b, t, h, d)
 
 
