@@ -10,15 +10,16 @@ from pathlib import Path
 
 from qjax import assets, calibration, data, scaling, tree
 from qjax.errors import InputError
-from qjax.methods import awq, gptq, llm_int8, rtn
+from qjax.methods import awq, gptq, llm_int8, rtn, zeroquant
 
-METHODS = ("none", "rtn", "gptq", "spqr", "awq", "llm_int8")
+METHODS = ("none", "rtn", "gptq", "spqr", "awq", "zeroquant", "llm_int8")
 CALIBRATED = ("gptq", "spqr", "awq")
 
 
 def needs_calibration(args) -> bool:
-  """Whether the run needs calibration windows (a calibrated method, or SmoothQuant before any method)."""
-  return args.method in CALIBRATED or getattr(args, "smoothquant", False)
+  """Whether the run needs calibration windows (a calibrated method, ZeroQuant's LKD, or SmoothQuant)."""
+  return (args.method in CALIBRATED or (args.method == "zeroquant" and args.zq_lkd)
+          or getattr(args, "smoothquant", False))
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -48,6 +49,14 @@ def add_args(p: argparse.ArgumentParser):
   a = p.add_argument_group("AWQ")
   a.add_argument("--awq-grid", type=int, default=20, help="alpha grid points in [0, 1) (default 20)")
   a.add_argument("--no-awq-clip", action="store_true", help="skip the clipping-range search")
+  z = p.add_argument_group("ZeroQuant (MLP weight bits: --wbits; activations: --abits)")
+  z.add_argument("--zq-attn-bits", type=int, default=8, help="attention (q, k, v, o) weight bits (default 8)")
+  z.add_argument("--zq-lkd", action="store_true", help="layer-by-layer knowledge distillation (uses calibration)")
+  z.add_argument("--lkd-steps", type=int, default=300, help="AdamW steps per distilled layer (default 300)")
+  z.add_argument("--lkd-lr", type=float, default=1e-4, help="peak learning rate, cosine decay (default 1e-4)")
+  z.add_argument("--lkd-batch", type=int, default=4, help="calibration windows per step (default 4)")
+  z.add_argument("--lkd-layers", help="comma-separated layer indices to distill (negative from the end; "
+                 "default all)")
   i = p.add_argument_group("LLM.int8")
   i.add_argument("--int8-threshold", type=float, default=6.0, help="outlier feature threshold (default 6.0)")
 
@@ -62,6 +71,8 @@ def validate(args):
     raise InputError("--load reads an already quantized checkpoint; use --model to quantize again")
   if args.method == "llm_int8":
     _validate_llm_int8(args)
+  if args.method == "zeroquant":
+    _validate_zeroquant(args)
   if not needs_calibration(args):
     return
   if args.static_groups and args.groupsize <= 0:
@@ -93,6 +104,17 @@ def validate(args):
       raise InputError(f"--outlier-threshold must be positive, got {args.outlier_threshold}")
 
 
+def _validate_zeroquant(args):
+  if not 2 <= args.zq_attn_bits <= 8:
+    raise InputError(f"--zq-attn-bits must be between 2 and 8, got {args.zq_attn_bits}")
+  if args.lkd_steps < 1 or args.lkd_batch < 1:
+    raise InputError("--lkd-steps and --lkd-batch must be positive")
+  if not args.lkd_lr > 0:
+    raise InputError(f"--lkd-lr must be positive, got {args.lkd_lr}")
+  if args.lkd_layers is not None:
+    _layer_indices(args.lkd_layers)
+
+
 def _validate_llm_int8(args):
   if not args.int8_threshold > 0:
     raise InputError(f"--int8-threshold must be positive, got {args.int8_threshold}")
@@ -113,6 +135,11 @@ def config(args):
                            act_order=args.act_order, percdamp=args.percdamp,
                            simplified_outliers=args.simplified_outliers, true_sequential=args.true_sequential,
                            block_size=args.block_size)
+  if args.method == "zeroquant":
+    layers = None if args.lkd_layers is None else tuple(_layer_indices(args.lkd_layers))
+    return zeroquant.ZeroQuantConfig(bits_attn=args.zq_attn_bits, bits_mlp=args.wbits, group_size=args.groupsize,
+                                     abits=args.abits, lkd=args.zq_lkd, lkd_steps=args.lkd_steps,
+                                     lkd_lr=args.lkd_lr, lkd_batch=args.lkd_batch, lkd_layers=layers, seed=args.seed)
   if args.method == "awq":
     return awq.AWQConfig(**common, sym=args.sym, n_grid=args.awq_grid, clip=not args.no_awq_clip)
   if args.method == "llm_int8":
@@ -120,10 +147,19 @@ def config(args):
   return None
 
 
+def _layer_indices(text: str) -> list[int]:
+  try:
+    return [int(t) for t in text.split(",")]
+  except ValueError:
+    raise InputError(f"--lkd-layers must be comma-separated integers, got {text!r}") from None
+
+
 def validate_for_model(args, model, params, cfg):
   """Checks that need the architecture (still before any long work)."""
   if args.method == "awq" or getattr(args, "smoothquant", False) or getattr(args, "plant_outliers", 0):
     scaling.check_foldable(model.config)
+  if args.method == "zeroquant":
+    cfg.distilled(model.config.num_layers)
   if args.method == "spqr":  # the library handles a partial last row group; the CLI keeps the reference's rule
     flat = tree.flatten(params)
     for p in tree.matching(params, cfg.targets):
@@ -142,8 +178,12 @@ def calibration_data(args, model, tokenizer, seed: int) -> calibration.Calibrati
   return calibration.Calibration(model, data.calibration_windows(tokens, args.nsamples, seqlen, seed))
 
 
-def run(args, cfg, params, calib, progress: bool):
+def run(args, cfg, model, params, calib, progress: bool):
   """``(params, report)``: the method's transform; report is a CalibrationReport or None."""
+  if args.method == "zeroquant":
+    if calib is None:
+      return zeroquant.quantize(params, cfg, model, progress), None
+    return zeroquant.quantize_with_report(params, cfg, calib, progress)
   if args.method == "rtn":
     return rtn.quantize(params, cfg, progress=progress), None
   if args.method == "gptq":

@@ -156,10 +156,12 @@ def _print_summary(out, results, baseline, method, linears):
   MSE, one column each), perplexity, size and paths."""
   if "calibration" in out:
     c = out["calibration"]
-    extra = [k for k in c["layers"][0]["linear_losses"] if k not in linears]
-    print(cli.format_table(["layer", "rel. output error", "sum of losses", *extra, "seconds"], [
+    keys = {k for l in c["layers"] for k in l["linear_losses"]}
+    extra = sorted(keys - linears)
+    summed = ["sum of losses"] if keys & linears else []
+    print(cli.format_table(["layer", "rel. output error", *summed, *extra, "seconds"], [
         [l["layer"], f"{l['output_rel_error']:.3e}",
-         f"{sum(v for k, v in l['linear_losses'].items() if k in linears):.4g}",
+         *[f"{sum(v for k, v in l['linear_losses'].items() if k in linears):.4g}" for _ in summed],
          *[l["linear_losses"].get(k, "-") for k in extra], f"{l['seconds']:.2f}"] for l in c["layers"]]))
     print(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['seconds']:.1f} s, activations "
           f"{c['activation_bytes'] / 2**20:.1f} MiB, peak host memory {c['peak_host_bytes'] / 2**30:.2f} GiB\n")

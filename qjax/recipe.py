@@ -65,7 +65,7 @@ def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress:
   if args.smoothquant:
     qparams, smooth_report = smoothquant.smooth_with_report(qparams, smoothquant.SmoothQuantConfig(args.alpha), calib,
                                                             progress=progress)
-  qparams, report = method_cli.run(args, cfg, qparams, calib, progress)
+  qparams, report = method_cli.run(args, cfg, model, qparams, calib, progress)
   if args.int8_kernel:
     qparams = act_cli.to_int8(qparams)
   jax.block_until_ready(qparams)
@@ -79,6 +79,7 @@ def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress:
 def label(q: Quantized, args) -> str:
   """Short name of what ran, e.g. ``smoothquant+rtn W8A8``."""
   name = ("smoothquant+" if args.smoothquant else "") + q.method["name"]
-  bits = (q.method.get("config") or {}).get("bits")
+  cfg = q.method.get("config") or {}
+  bits = cfg.get("bits") or (f"{cfg['bits_mlp']}/{cfg['bits_attn']}" if "bits_mlp" in cfg else None)
   wa = (f"W{bits}" if bits else "") + (f"A{q.act.bits}" if q.act.enabled else "")
   return f"{name} {wa}" if wa else name

@@ -107,6 +107,8 @@ BAD = {
     "int8_kernel_needs_w8": (["--method", "rtn", "--abits", "8", "--int8-kernel"], ["--int8-kernel", "--wbits 8"]),
     "llm_int8_with_abits": (["--method", "llm_int8", "--abits", "8"], ["LLM.int8", "--abits"]),
     "smoothquant_alpha": (["--smoothquant", "--alpha", "1.5"], ["--alpha", "1.5"]),
+    "lkd_layers_not_integers": (["--method", "zeroquant", "--lkd-layers", "0,x"], ["--lkd-layers", "0,x"]),
+    "lkd_layer_out_of_range": (["--method", "zeroquant", "--zq-lkd", "--lkd-layers", "7"], ["7", "5 layers"]),
     "plant_too_many_outliers": (["--plant-outliers", "100"], ["100", "outlier", "64"]),
     "calib_too_short": (["--method", "gptq", "--calib-text", "{t}/short.txt", "--calib-seqlen", "64"],
                         ["calibration text", "64"]),
