@@ -14,7 +14,9 @@ one run, not numbers across runs). ``cache_bytes_per_token``: K+V bytes per cach
 
 Models: ``stories260K`` (context 512: L = 2048 is skipped) and ``llama8x512`` (``eval/bench_ppl.py``: 8 layers,
 hidden 512, random weights, context 2048). KV methods (``--kv-methods``): ``fp`` (dense cache in the compute
-dtype); quantized caches join this table as they land. Threads: ``--threads N`` as in ``eval/bench_ppl.py``
+dtype), ``kivi-B`` (group ``min(32, head_dim)`` = 8 for stories260K, residual 4 groups) and ``kvquant-B``
+(calibrated on 4 windows of the TinyStories calib text, 1% outliers, first token exact); transformers runs the fp
+model once per length and every qjax method is compared with it (``ratio_vs_torch``) and with qjax fp. Threads: ``--threads N`` as in ``eval/bench_ppl.py``
 (torch threads and the process's CPU affinity, before JAX starts; ``OMP_WAIT_POLICY`` defaults to PASSIVE).
 
 Run: ``OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 python eval/bench_decode.py`` (a few minutes), or
@@ -36,13 +38,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 from bench_ppl import log, make_llama8x512  # noqa: E402  (eval/ is the script's folder)
 
 MODELS = ("stories260K", "llama8x512")
-KV_METHODS = ("fp",)
+KV_METHODS = ("fp", "kivi-2", "kivi-4", "kvquant-2", "kvquant-3", "kvquant-4")
 
 
-def cache_factory(method: str):
-  """The qjax cache factory of a ``--kv-methods`` entry."""
+def kv_setup(method: str, model, params, tok):
+  """``(cache factory, effective bits)`` of a ``--kv-methods`` entry."""
+  from qjax import kv_cli
   from qjax.models.kv_cache import KVCache
-  return {"fp": KVCache.dense}[method]
+  if method == "fp":
+    return KVCache.dense, 32.0
+  name, _, bits = method.partition("-")
+  g = min(32, model.config.head_dim)
+  flags = argparse.Namespace(kv_group_size=g, kv_residual=4 * g, kv_outliers=0.01, kv_first_fp=1,
+                             kv_calib_nsamples=4, calib_text=None, calib_dataset="tinystories", seed=0)
+  setup = kv_cli.setup(name, int(bits), flags, model, params, tok, progress=False)
+  return setup.cache_factory, setup.effective_bits
 
 
 def torch_decode(model, prompt, new_tokens: int) -> tuple[list[int], float, float]:
@@ -73,8 +83,9 @@ def torch_decode(model, prompt, new_tokens: int) -> tuple[list[int], float, floa
 def bench(name, path, tokens, length, new_tokens, methods, repeats):
   import torch
   from transformers import AutoModelForCausalLM
-  from qjax import generation, models
+  from qjax import data, generation, models
   model, params = models.load(path)
+  tok = data.load_tokenizer(path)
   context = model.config.max_position_embeddings
   if length > context:
     log(f"[{name}] L={length}: skipped (context {context})")
@@ -82,28 +93,35 @@ def bench(name, path, tokens, length, new_tokens, methods, repeats):
   prompt = tokens[:length - new_tokens].tolist()
   tm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
   torch_decode(tm, prompt[:16], 4)  # warm-up
-  out = {}
-  for method in methods:
-    gen = generation.Generator(model, params, cache_factory=cache_factory(method))
-    q, t = [], []
-    for i in range(repeats):
-      r = gen.generate([prompt], new_tokens, max_len=length, stop_tokens=())
-      ttok, tprefill, ttps = torch_decode(tm, prompt, new_tokens)
-      q.append(r), t.append((tprefill, ttps))
-      log(f"[{name}] L={length} {method} round {i}: qjax {r.decode_tokens_per_second:8.1f} tok/s "
-          f"(prefill {r.prefill_seconds:.3f} s)  torch {ttps:8.1f} tok/s (prefill {tprefill:.3f} s)")
-    qtps = max(r.decode_tokens_per_second for r in q)
-    ttps = max(x[1] for x in t)
+  gens = {}
+  for m in methods:
+    factory, bits = kv_setup(m, model, params, tok)
+    gens[m] = (generation.Generator(model, params, cache_factory=factory), bits)
+  q, t = {m: [] for m in methods}, []
+  for i in range(repeats):
+    ttok, tprefill, ttps = torch_decode(tm, prompt, new_tokens)
+    t.append((tprefill, ttps))
+    log(f"[{name}] L={length} round {i}: torch fp {ttps:8.1f} tok/s (prefill {tprefill:.3f} s)")
+    for m in methods:
+      r = gens[m][0].generate([prompt], new_tokens, max_len=length, stop_tokens=())
+      q[m].append(r)
+      log(f"[{name}] L={length} round {i}: qjax {m:10s} {r.decode_tokens_per_second:8.1f} tok/s "
+          f"(prefill {r.prefill_seconds:.3f} s)")
+  ttps = max(x[1] for x in t)
+  out = {"torch_fp_decode_tokens_per_second": round(ttps, 1),
+         "torch_prefill_seconds": round(min(x[0] for x in t), 4), "rounds_torch": [round(x[1]) for x in t],
+         "prompt_tokens": len(prompt), "new_tokens": new_tokens}
+  fp_tps = max(r.decode_tokens_per_second for r in q["fp"]) if "fp" in q else None
+  for m in methods:
+    rs, r = q[m], q[m][-1]
+    qtps = max(x.decode_tokens_per_second for x in rs)
     same = next((i for i, (a, b) in enumerate(zip(r.tokens[0], ttok)) if a != b), new_tokens)
-    out[method] = {
-        "qjax_decode_tokens_per_second": round(qtps, 1), "torch_decode_tokens_per_second": round(ttps, 1),
-        "ratio": round(qtps / ttps, 3),
-        "qjax_prefill_seconds": round(min(r.prefill_seconds for r in q), 4),
-        "torch_prefill_seconds": round(min(x[0] for x in t), 4),
-        "qjax_compile_seconds": round(gen.compile_seconds, 2),
-        "cache_bytes_per_token": r.cache_bytes_per_token, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
-        "greedy_tokens_agree": same, "rounds_qjax": [round(r.decode_tokens_per_second) for r in q],
-        "rounds_torch": [round(x[1]) for x in t]}
+    out[m] = {"qjax_decode_tokens_per_second": round(qtps, 1), "ratio_vs_torch": round(qtps / ttps, 3),
+              "ratio_vs_qjax_fp": round(qtps / fp_tps, 3) if fp_tps else None,
+              "qjax_prefill_seconds": round(min(x.prefill_seconds for x in rs), 4),
+              "qjax_compile_seconds": round(gens[m][0].compile_seconds, 2),
+              "cache_bytes_per_token": r.cache_bytes_per_token, "effective_bits": gens[m][1],
+              "greedy_tokens_agree_with_torch": same, "rounds_qjax": [round(x.decode_tokens_per_second) for x in rs]}
   return out
 
 
@@ -112,7 +130,8 @@ def main(argv=None):
   p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
   p.add_argument("--lengths", default="512,2048", help="cache lengths L (prompt L - N, then N new tokens)")
   p.add_argument("--new-tokens", type=int, default=64, help="N: tokens decoded per run (default 64)")
-  p.add_argument("--kv-methods", default="fp", help=f"comma-separated subset of {','.join(KV_METHODS)}")
+  p.add_argument("--kv-methods", default=",".join(KV_METHODS),
+                 help=f"comma-separated subset of {','.join(KV_METHODS)}")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks (default: all)")
   p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is reported")
   args = p.parse_args(argv)

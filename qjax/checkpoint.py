@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from qjax import tree
@@ -43,8 +44,12 @@ def check_destination(dest, overwrite: bool) -> Path:
   return dest
 
 
-def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool = False) -> Path:
-  """Writes ``params`` (with QArrays) and metadata to ``dest`` atomically. Returns ``dest``."""
+def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool = False,
+         kv_calibration: dict | None = None) -> Path:
+  """Writes ``params`` (with QArrays) and metadata to ``dest`` atomically. Returns ``dest``.
+
+  ``kv_calibration`` (``{"metadata": JSON-able, "arrays": {name: array}}``, e.g. KVQuant's) is stored as
+  ``kv_calibration.npz`` plus an entry of ``qjax.json``; :func:`load_kv_calibration` reads it back."""
   dest = check_destination(dest, overwrite).resolve()
   source_dir = Path(source_dir)
   flat, qmeta = {}, {}
@@ -63,8 +68,22 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
     shutil.copy2(source_dir / "config.json", tmp / "config.json")
     copy_tokenizer(source_dir, tmp)
     meta = {"format": FORMAT, "dtype": dtype, "method": method, "qarrays": qmeta}
+    if kv_calibration is not None:
+      meta["kv_calibration"] = kv_calibration["metadata"]
+      np.savez(tmp / "kv_calibration.npz", **{k.replace("/", "."): np.asarray(v)
+                                              for k, v in kv_calibration["arrays"].items()})
     (tmp / "qjax.json").write_text(json.dumps(meta, indent=1))
   return dest
+
+
+def load_kv_calibration(path) -> dict | None:
+  """The ``kv_calibration`` saved by :func:`save` (None when the checkpoint has none)."""
+  meta = read_meta(path)
+  if "kv_calibration" not in meta:
+    return None
+  with np.load(Path(path) / "kv_calibration.npz") as z:
+    arrays = {k.replace(".", "/"): z[k] for k in z.files}
+  return {"metadata": meta["kv_calibration"], "arrays": arrays}
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qjax import cli, data, recipe
+from qjax import checkpoint, cli, data, recipe
 from qjax.errors import InputError
 from qjax.generation import GenerationResult, Generator, Sampling, completion_text, eos_token_ids, plan_lengths
 
@@ -84,13 +84,13 @@ class _Streamer:
     print(text[self.printed:], flush=True)
 
 
-def _report(r: GenerationResult, cache_dtype) -> str:
+def _report(r: GenerationResult, cache_dtype, cache_label: str = "dense") -> str:
   tps = r.decode_tokens_per_second
   decode = "no decode step"
   if tps:
     decode = f"{tps:,.1f} tokens/s ({r.decode_steps} steps x {len(r.tokens)} rows in {r.decode_seconds:.3f} s)"
   return (f"prefill {len(r.tokens)} x {max(r.prompt_lengths)} tokens: {r.prefill_seconds:.3f} s; decode: {decode}; "
-          f"KV cache {np.dtype(cache_dtype).name}, {r.max_len} slots: {r.cache_bytes_per_token:,.0f} bytes/token; "
+          f"KV cache {cache_label}, {np.dtype(cache_dtype).name}, {r.max_len} slots: {r.cache_bytes_per_token:,.0f} bytes/token; "
           f"compile {r.compile_seconds:.1f} s")
 
 
@@ -133,7 +133,7 @@ def _chat(gen: Generator, args, stop):
     turn += 1
     if template:
       messages.append({"role": "assistant", "content": r.texts[0]})
-    print(_report(r, gen.cache_dtype), file=sys.stderr, flush=True)
+    print(_report(r, gen.cache_dtype, args.cache_label), file=sys.stderr, flush=True)
 
 
 def run(argv=None) -> int:
@@ -147,9 +147,12 @@ def run(argv=None) -> int:
   prompts = [tok(p)["input_ids"] for p in args.prompt]
   if prompts:  # fail before any long work
     plan_lengths(max(len(p) for p in prompts), args.max_new_tokens, context, args.max_len)
-  q = recipe.apply(args, model, params, meta, tok, progress=sys.stderr.isatty())
+  saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
+  q = recipe.apply(args, model, params, meta, tok, progress=sys.stderr.isatty(), kv_calibration=saved_kv)
   method = q.method
-  gen = Generator(q.model, q.params, tok, sampling=sampling)
+  args.cache_label = q.kv.describe() if q.kv else "dense"
+  gen = Generator(q.model, q.params, tok, sampling=sampling,
+                  **({"cache_factory": q.kv.cache_factory} if q.kv else {}))
   stop = sorted(set(eos_token_ids(model.config, tok)) | set(args.stop_token))
   if args.chat:
     _chat(gen, args, stop)
@@ -161,7 +164,7 @@ def run(argv=None) -> int:
     print("\n\n".join(r.texts))
   else:
     stream.finish(r.texts[0])
-  print(_report(r, gen.cache_dtype), file=sys.stderr)
+  print(_report(r, gen.cache_dtype, args.cache_label), file=sys.stderr)
   if args.json:
     cli.write_json(args.json, _result_json(r, args, method, gen.cache_dtype))
   return 0

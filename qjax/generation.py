@@ -9,7 +9,7 @@ tokens: token ``j`` of a row (``j = 0`` from the prefill) uses the key ``fold_in
 Prompts of different lengths are LEFT padded (positions count real tokens, so padding changes nothing). A row
 stops at its first stop token (EOS of the config and tokenizer by default). The cache comes from a factory
 ``(config, batch, max_len, dtype) -> KVCache`` (default :meth:`KVCache.dense`), so caches whose layers implement
-``update(k, v, index)`` (quantized KIVI/KVQuant caches) plug in unchanged.
+``update(k, v, index, positions, rope)`` (quantized KIVI/KVQuant caches) plug in unchanged.
 """
 from __future__ import annotations
 

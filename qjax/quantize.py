@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from qjax import act_cli, assets, checkpoint, cli, data, hf_gptq, perplexity, recipe, size
+from qjax import act_cli, assets, checkpoint, cli, data, hf_gptq, kv_cli, perplexity, recipe, size
 from qjax.errors import InputError
 
 PROG = "python -m qjax.quantize"
@@ -88,7 +88,8 @@ def run(argv=None) -> int:
     if len(tokens[name]) < seqlen:  # fail before any long work
       raise InputError(f"text {name!r} has {len(tokens[name])} tokens, fewer than one window of seqlen {seqlen}")
   source_dir = cli.model_dir(args)
-  q = recipe.apply(args, model, params, meta, tok, not args.no_progress)
+  saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
+  q = recipe.apply(args, model, params, meta, tok, not args.no_progress, saved_kv)
   qparams, act, cfg, method = q.params, q.act, q.config, q.method
 
   def evaluate(m, p, tag):
@@ -99,7 +100,8 @@ def run(argv=None) -> int:
   baseline = evaluate(model, q.float_params, "fp") if args.baseline else {}
   if args.save:
     checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite,
+                    kv_calibration=q.kv.calibration.to_dict() if q.kv and q.kv.calibration else None)
   exported = _export_gptq(args, cfg, qparams, source_dir) if args.export_gptq else None
   rep = size.size_report(qparams)
   paths = act_cli.matmul_paths(model, qparams, act)
@@ -123,6 +125,11 @@ def run(argv=None) -> int:
     out["size"]["spqr"] = dataclasses.asdict(spqr.bits_summary(qparams))
   if exported is not None:
     out["export_gptq"] = {k: exported[k] for k in ("path", "quantized", "excluded", "reasons")}
+  if q.kv is not None:
+    out["kv_cache"] = {**kv_cli.config_dict(q.kv), "describe": q.kv.describe(),
+                       "semantics": "quantized past: each position attends to what the quantized cache holds when "
+                                    "that token is decoded token by token",
+                       **kv_cli.bytes_per_token(q.kv, model, seqlen)}
   if q.smooth_report is not None:
     out["smoothquant"] = {"seconds": q.smooth_report.seconds,
                           "layers": [{"layer": l.layer, **l.linear_losses} for l in q.smooth_report.layers]}
@@ -184,6 +191,9 @@ def _print_summary(out, results, baseline, method, linears):
   print(cli.format_table(["model", "value"], [
       ["method", method],
       ["activations", out["config"]["activations"]],
+      *([["KV cache", out["kv_cache"]["describe"]],
+         ["KV cache bytes / token", f"{out['kv_cache']['bytes_per_token']:,.0f} (dense "
+                                   f"{out['kv_cache']['dense_bytes_per_token']:,.0f})"]] if "kv_cache" in out else []),
       ["matmul path", out["config"]["matmul_path"]],
       ["fp16-equivalent bytes", f"{s['fp16_bytes']:,}"],
       ["quantized bytes", f"{s['quantized_bytes']:,}"],

@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from qjax import act_cli, method_cli
+from qjax import act_cli, kv_cli, method_cli
 from qjax.act_quant import ActQuantConfig
 from qjax.methods import smoothquant
 from qjax.models import CausalLM
@@ -24,17 +24,19 @@ from qjax.models import CausalLM
 def add_args(p: argparse.ArgumentParser):
   method_cli.add_args(p)
   act_cli.add_args(p)
+  kv_cli.add_args(p)
 
 
 def validate(args):
   """Checks that need no model."""
   method_cli.validate(args)
   act_cli.validate(args)
+  kv_cli.validate(args)
 
 
 @dataclasses.dataclass
 class Quantized:
-  model: CausalLM                  # with the activation-quantizer hooks
+  model: CausalLM                  # with the activation-quantizer and quantized-past KV hooks
   params: dict                     # quantized
   float_model: CausalLM            # without hooks
   float_params: dict               # the float parameters the recipe started from (outliers planted, if asked)
@@ -45,15 +47,19 @@ class Quantized:
   report: object                   # the weight method's CalibrationReport or None
   smooth_report: object            # SmoothQuant's CalibrationReport or None
   seconds: float                   # time of the transforms (calibration data excluded)
+  kv: kv_cli.KVSetup | None = None  # the quantized KV cache (None: dense)
 
   @property
   def quantized(self) -> bool:
-    return self.method["name"] != "none" or self.act.enabled or bool(self.method.get("smoothquant"))
+    return (self.method["name"] != "none" or self.act.enabled or bool(self.method.get("smoothquant"))
+            or self.kv is not None)
 
 
-def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress: bool) -> Quantized:
+def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress: bool,
+          kv_calibration=None) -> Quantized:
   """Runs the recipe the flags describe on ``(model, params)`` (``meta``: the checkpoint metadata with
-  ``--load``, whose saved activation quantizer is reused unless ``--abits`` is given)."""
+  ``--load``, whose saved activation quantizer is reused unless ``--abits`` is given; ``kv_calibration``: a
+  saved KVQuant calibration to reuse). KVQuant is calibrated on the float model the recipe starts from."""
   cfg = method_cli.config(args)
   method_cli.validate_for_model(args, model, params, cfg)
   act = act_cli.act_config(args, meta["method"].get("activation") if meta else None)
@@ -70,10 +76,13 @@ def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress:
     qparams = act_cli.to_int8(qparams)
   jax.block_until_ready(qparams)
   seconds = time.perf_counter() - t0
+  kv = kv_cli.setup(args.kv_method, args.kv_bits, args, model, params, tokenizer, progress, kv_calibration)
   method = ({"name": args.method, "config": method_cli.config_dict(cfg), **act_cli.config_dict(act, args)}
             if meta is None else {**meta["method"], "activation": dataclasses.asdict(act)})
-  return Quantized(model.with_hooks(act.hooks()), qparams, model, params, act, cfg, method, calib, report,
-                   smooth_report, seconds)
+  method["kv_cache"] = kv_cli.config_dict(kv)
+  hooks = act.hooks() if kv is None else dataclasses.replace(act.hooks(), kv_past=kv.past_hook)
+  return Quantized(model.with_hooks(hooks), qparams, model, params, act, cfg, method, calib, report,
+                   smooth_report, seconds, kv)
 
 
 def label(q: Quantized, args) -> str:
@@ -82,4 +91,5 @@ def label(q: Quantized, args) -> str:
   cfg = q.method.get("config") or {}
   bits = cfg.get("bits") or (f"{cfg['bits_mlp']}/{cfg['bits_attn']}" if "bits_mlp" in cfg else None)
   wa = (f"W{bits}" if bits else "") + (f"A{q.act.bits}" if q.act.enabled else "")
-  return f"{name} {wa}" if wa else name
+  label = f"{name} {wa}" if wa else name
+  return label if q.kv is None else f"{label} + {q.kv.name} KV"

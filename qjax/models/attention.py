@@ -23,6 +23,7 @@ class SelfAttention(nn.Module):
   rope: bool
   hooks: layers.ActivationHooks
   dtype: jnp.dtype = jnp.float32
+  layer: int = 0          # decoder layer index (per-layer KV quantizers of the ``kv_past`` hook)
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
@@ -41,7 +42,7 @@ class SelfAttention(nn.Module):
     if layer_cache is not None:
       k, v, layer_cache = layer_cache.update(k, v, cache_index, positions, rope)
     elif self.hooks.kv_past is not None:
-      o = self.hooks.kv_past(q, k, v, positions, mask, d**-0.5, rope).reshape(b, t, h * d)
+      o = self.hooks.kv_past(q, k, v, positions, mask, d**-0.5, rope, self.layer).reshape(b, t, h * d)
       return lin(self.out_name, h * d, c.hidden_size)(o), None
     elif rope is not None:
       k = rope(k, positions)

@@ -29,8 +29,9 @@ class ActivationHooks:
 
   ``kv_past`` replaces attention in a cache-free forward pass to simulate a quantized KV cache ("quantized
   past": each query attends to the keys/values a quantized cache would hold at its decode step):
-  ``kv_past(q, k, v, positions, mask, scale, rope) -> o [b, t, h, d]`` with ``q`` after RoPE, ``k`` BEFORE
-  RoPE and ``rope(x, positions)`` (None without RoPE); see :func:`mixed_attention`.
+  ``kv_past(q, k, v, positions, mask, scale, rope, layer) -> o [b, t, h, d]`` with ``q`` after RoPE, ``k``
+  BEFORE RoPE, ``rope(x, positions)`` (None without RoPE) and the decoder layer's index; see
+  :func:`mixed_attention`.
   """
   linear_input: Hook = None
   attn_q: Hook = None

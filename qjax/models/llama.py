@@ -31,12 +31,13 @@ class LlamaDecoderLayer(nn.Module):
   config: ModelConfig
   hooks: layers.ActivationHooks = layers.ActivationHooks()
   dtype: jnp.dtype = jnp.float32
+  index: int = 0          # position in the stack (passed to the ``kv_past`` hook)
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
     c = self.config
     h = layers.RMSNorm(c.hidden_size, c.norm_eps, self.dtype, name="input_layernorm")(x)
-    a, layer_cache = SelfAttention(c, "o_proj", c.attention_bias, True, self.hooks, self.dtype,
+    a, layer_cache = SelfAttention(c, "o_proj", c.attention_bias, True, self.hooks, self.dtype, self.index,
                                    name="self_attn")(h, positions, mask, layer_cache, cache_index)
     x = x + a
     h = layers.RMSNorm(c.hidden_size, c.norm_eps, self.dtype, name="post_attention_layernorm")(x)
@@ -51,7 +52,7 @@ class LlamaModel(nn.Module):
   def setup(self):
     c = self.config
     self.embed_tokens = layers.Embed(c.vocab_size, c.hidden_size, self.dtype)
-    self.layers = [LlamaDecoderLayer(c, self.hooks, self.dtype) for _ in range(c.num_layers)]
+    self.layers = [LlamaDecoderLayer(c, self.hooks, self.dtype, i) for i in range(c.num_layers)]
     self.norm = layers.RMSNorm(c.hidden_size, c.norm_eps, self.dtype)
 
   def embed(self, input_ids, positions):

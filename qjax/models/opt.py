@@ -22,6 +22,7 @@ class OPTDecoderLayer(nn.Module):
   config: ModelConfig
   hooks: layers.ActivationHooks = layers.ActivationHooks()
   dtype: jnp.dtype = jnp.float32
+  index: int = 0          # position in the stack (passed to the ``kv_past`` hook)
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
@@ -29,7 +30,7 @@ class OPTDecoderLayer(nn.Module):
     pre = c.do_layer_norm_before
     ln = lambda n: layers.LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, self.dtype, name=n)
     attn_ln, ffn_ln = ln("self_attn_layer_norm"), ln("final_layer_norm")
-    a, layer_cache = SelfAttention(c, "out_proj", c.enable_bias, False, self.hooks, self.dtype,
+    a, layer_cache = SelfAttention(c, "out_proj", c.enable_bias, False, self.hooks, self.dtype, self.index,
                                    name="self_attn")(attn_ln(x) if pre else x, positions, mask, layer_cache,
                                                      cache_index)
     x = x + a
@@ -56,7 +57,7 @@ class OPTDecoder(nn.Module):
     if self.projected:
       self.project_in = layers.Linear(c.word_embed_proj_dim, c.hidden_size, False, self.dtype)
       self.project_out = layers.Linear(c.hidden_size, c.word_embed_proj_dim, False, self.dtype)
-    self.layers = [OPTDecoderLayer(c, self.hooks, self.dtype) for _ in range(c.num_layers)]
+    self.layers = [OPTDecoderLayer(c, self.hooks, self.dtype, i) for i in range(c.num_layers)]
     if c.final_layer_norm:
       self.final_layer_norm = layers.LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, self.dtype)
 

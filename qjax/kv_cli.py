@@ -1,0 +1,113 @@
+"""Command-line wiring of KV-cache quantization (KIVI, KVQuant), shared by ``qjax.quantize`` (perplexity under a
+quantized cache), ``qjax.generate`` (decoding through it) and the evaluation scripts.
+
+A :class:`KVSetup` bundles what a run needs: the cache factory for generation, the ``kv_past`` hook for the
+cache-free perplexity pass ("quantized past": each position attends to exactly what the cache would hold when
+that token is decoded; see :mod:`qjax.methods.kivi` and :mod:`qjax.methods.kvquant`), the closed-form effective
+bits per cached element, and KVQuant's calibration (saved with a checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from qjax import assets, data
+from qjax.errors import InputError
+from qjax.generation import CacheFactory, cache_bytes_per_token
+from qjax.methods import kivi, kvquant
+from qjax.models import CausalLM
+from qjax.models.kv_cache import KVCache
+
+KV_METHODS = ("none", "kivi", "kvquant")
+
+
+def add_args(p: argparse.ArgumentParser):
+  g = p.add_argument_group("KV-cache quantization")
+  g.add_argument("--kv-method", default="none", choices=KV_METHODS, help="quantized KV cache (default none)")
+  g.add_argument("--kv-bits", type=int, default=4, help="KV bits (KIVI 2..8, KVQuant 2..4; default 4)")
+  g.add_argument("--kv-group-size", type=int, default=32,
+                 help="KIVI: tokens per key group and channels per value group (must divide head_dim)")
+  g.add_argument("--kv-residual", type=int, default=128,
+                 help="KIVI: recent tokens kept in full precision, a multiple of the group size (default 128)")
+  g.add_argument("--kv-outliers", type=float, default=0.01,
+                 help="KVQuant: fraction of values kept exact (dense-and-sparse, default 0.01)")
+  g.add_argument("--kv-first-fp", type=int, default=1,
+                 help="KVQuant: first tokens (absolute positions) kept in full precision (default 1)")
+  g.add_argument("--kv-calib-nsamples", type=int, default=16, help="KVQuant calibration windows (default 16)")
+
+
+def validate(args):
+  """Checks that need no model."""
+  if args.kv_method == "none":
+    return
+  config(args.kv_method, args.kv_bits, args)  # the configs validate their fields
+
+
+def config(method: str, bits: int, args):
+  """The frozen config of ``method`` at ``bits`` with the other settings from ``args``."""
+  if method == "kivi":
+    return kivi.KIVIConfig(bits=bits, group_size=args.kv_group_size, residual=args.kv_residual)
+  if method == "kvquant":
+    if args.kv_calib_nsamples < 1:
+      raise InputError(f"--kv-calib-nsamples must be positive, got {args.kv_calib_nsamples}")
+    return kvquant.KVQuantConfig(bits=bits, outlier_fraction=args.kv_outliers, first_fp=args.kv_first_fp,
+                                 nsamples=args.kv_calib_nsamples)
+  raise InputError(f"unknown KV method {method!r} (known: {', '.join(KV_METHODS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSetup:
+  name: str                           # e.g. "kivi-4"
+  config: object
+  cache_factory: CacheFactory
+  past_hook: Callable
+  effective_bits: float               # stored bits per cached element (closed form, long-context limit)
+  calibration: object = None          # KVQuantCalibration or None
+
+  def describe(self) -> str:
+    return f"{self.name} ({self.effective_bits:.2f} bits per cached element)"
+
+
+def config_dict(kv: KVSetup | None) -> dict | None:
+  """What is recorded in JSON outputs and checkpoints."""
+  if kv is None:
+    return None
+  return {"name": kv.name, "config": dataclasses.asdict(kv.config), "effective_bits": kv.effective_bits}
+
+
+def setup(method: str, bits: int, args, model: CausalLM, params, tokenizer, progress: bool = True,
+          calibration: dict | None = None) -> KVSetup | None:
+  """The :class:`KVSetup` of ``method`` (None for ``none``); KVQuant is calibrated on ``params`` (the float model)
+  with the calibration text flags unless a saved ``calibration`` (``KVQuantCalibration.to_dict()``) is given."""
+  if method == "none":
+    return None
+  cfg = config(method, bits, args)
+  c = model.config
+  if method == "kivi":
+    cfg.check_head_dim(c.head_dim)
+    return KVSetup(f"kivi-{bits}", cfg, kivi.cache_factory(cfg), kivi.past_hook(cfg),
+                   kivi.effective_bits(cfg, c.head_dim))
+  if calibration is not None:
+    calibration = kvquant.KVQuantCalibration.from_dict(calibration)
+  else:
+    path = getattr(args, "calib_text", None) or assets.named_text(
+        getattr(args, "calib_dataset", "tinystories"), assets.CALIB_DATASETS)
+    tokens = data.tokenize(tokenizer, data.read_text(path))
+    calibration = kvquant.calibrate(params, cfg, kvquant.calibration_for(model, tokens, cfg, args.seed),
+                                    progress=progress)
+  bits_cfg = calibration.config
+  return KVSetup(f"kvquant-{bits_cfg.bits}", bits_cfg, kvquant.cache_factory(calibration),
+                 kvquant.past_hook(calibration),
+                 kvquant.effective_bits(bits_cfg, c.head_dim, c.num_kv_heads,
+                                        dtype_bytes=jnp.dtype(model.dtype).itemsize), calibration)
+
+
+def bytes_per_token(kv: KVSetup, model: CausalLM, max_len: int) -> dict:
+  """Measured stored bytes per cached token of a one-row cache of ``max_len`` slots, and of the dense cache."""
+  dtype = jnp.dtype(model.dtype)
+  return {"bytes_per_token": cache_bytes_per_token(kv.cache_factory(model.config, 1, max_len, dtype)),
+          "dense_bytes_per_token": cache_bytes_per_token(KVCache.dense(model.config, 1, max_len, dtype)),
+          "max_len": max_len}

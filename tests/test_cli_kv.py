@@ -1,0 +1,43 @@
+"""``python -m qjax.quantize`` / ``qjax.generate`` with a quantized KV cache on stories260K: perplexity under the
+quantized past, cache bytes in the summary, KVQuant calibration saved with the checkpoint and reused by --load."""
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+COMMON = ["--seqlen", "64", "--eval-nsamples", "8", "--no-progress"]
+
+
+def _run(module, *args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_kv_quantized_ppl_save_load_and_generate(tmp_path):
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    kivi = pool.submit(_run, "qjax.quantize", *COMMON, "--kv-method", "kivi", "--kv-bits", "2", "--kv-group-size", "8",
+                       "--kv-residual", "0", "--baseline", "--json", tmp_path / "kivi.json")
+    kvq = pool.submit(_run, "qjax.quantize", *COMMON, "--kv-method", "kvquant", "--kv-bits", "3",
+                      "--kv-calib-nsamples", "2", "--save", tmp_path / "ck", "--json", tmp_path / "kvq.json")
+    gen = pool.submit(_run, "qjax.generate", "--prompt", "Once upon a time", "--max-new-tokens", "12",
+                      "--kv-method", "kivi", "--kv-bits", "4", "--kv-group-size", "8", "--kv-residual", "8")
+    r1, r2, r4 = kivi.result(), kvq.result(), gen.result()
+    assert r2.returncode == 0, r2.stderr
+    r3 = _run("qjax.quantize", "--load", tmp_path / "ck", *COMMON, "--kv-method", "kvquant",
+              "--json", tmp_path / "load.json")
+  assert r1.returncode == 0, r1.stderr
+  out = json.loads((tmp_path / "kivi.json").read_text())
+  kv = out["kv_cache"]
+  assert kv["name"] == "kivi-2" and kv["bytes_per_token"] < kv["dense_bytes_per_token"] / 3
+  assert out["ppl"]["tinystories"] > out["ppl_baseline"]["tinystories"]   # the past really is quantized
+  assert "KV cache bytes / token" in r1.stdout and "kivi-2" in r1.stdout
+  saved = json.loads((tmp_path / "kvq.json").read_text())
+  assert saved["kv_cache"]["name"] == "kvquant-3"
+  assert (tmp_path / "ck" / "kv_calibration.npz").is_file()
+  assert r3.returncode == 0, r3.stderr
+  loaded = json.loads((tmp_path / "load.json").read_text())
+  assert loaded["ppl"] == saved["ppl"]       # the saved calibration is reused, not refitted
+  assert r4.returncode == 0, r4.stderr
+  assert r4.stdout.strip() and "kivi-4" in r4.stderr and "bytes/token" in r4.stderr
