@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see eval/bench_ppl.py
 
-from bench_ppl import log, make_llama8x512  # noqa: E402  (eval/ is the script's folder)
+from bench_ppl import environment, log, make_llama8x512, pin_threads  # noqa: E402  (eval/ is the script's folder)
 
 MODELS = ("stories260K", "llama8x512")
 KV_METHODS = ("fp", "kivi-2", "kivi-4", "kvquant-2", "kvquant-3", "kvquant-4")
@@ -142,11 +141,8 @@ def main(argv=None):
     p.error(f"unknown model(s) or KV method(s) {sorted(unknown)}; known: {MODELS}, {KV_METHODS}")
   if args.new_tokens < 2 or any(n <= args.new_tokens for n in lengths):
     p.error("need --new-tokens >= 2 and every length > --new-tokens")
-  cpus = sorted(os.sched_getaffinity(0))
-  if args.threads < len(cpus):
-    os.sched_setaffinity(0, cpus[:args.threads])  # before JAX creates its CPU client
+  pin_threads(args.threads)
 
-  import jax
   import torch
   import transformers
   from qjax import assets, data
@@ -156,12 +152,7 @@ def main(argv=None):
   story = assets.asset(assets.DEFAULT_MODEL)
   text = data.read_text(assets.named_text("tinystories", assets.PPL_DATASETS))
   tokens = data.tokenize(data.load_tokenizer(story), text[:200_000])
-  env = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-         "python": platform.python_version(), "cpu_count": os.cpu_count(),
-         "affinity_cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-         "jax_backend": jax.default_backend(), "repeats": args.repeats, "new_tokens": args.new_tokens,
-         **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS")}}
-  out = {"env": env, "models": {}}
+  out = {"env": environment(repeats=args.repeats, new_tokens=args.new_tokens), "models": {}}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
       path = story

@@ -48,6 +48,25 @@ def log(*a):
   print(*a, file=sys.stderr, flush=True)
 
 
+def pin_threads(threads: int):
+  """Restricts the process to ``threads`` cores (before JAX creates its CPU client: XLA sizes its pool from it)."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads < len(cpus):
+    os.sched_setaffinity(0, cpus[:threads])
+
+
+def environment(**extra) -> dict:
+  """Versions, cores, threads, load average and thread-related environment variables, for the JSON output."""
+  import jax
+  import torch
+  import transformers
+  return {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+          "python": platform.python_version(), "cpu_count": os.cpu_count(),
+          "affinity_cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+          "jax_backend": jax.default_backend(), "load_average": os.getloadavg(), **extra,
+          **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS")}}
+
+
 def make_llama8x512(path):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
@@ -115,11 +134,8 @@ def main(argv=None):
   names = [m for m in args.models.split(",") if m]
   if unknown := set(names) - set(MODELS):
     p.error(f"unknown model(s) {sorted(unknown)}; known: {','.join(MODELS)}")
-  cpus = sorted(os.sched_getaffinity(0))
-  if args.threads < len(cpus):
-    os.sched_setaffinity(0, cpus[:args.threads])  # before JAX creates its CPU client
+  pin_threads(args.threads)
 
-  import jax
   import torch
   import transformers
   from qjax import assets, data
@@ -129,12 +145,7 @@ def main(argv=None):
   text = data.read_text(assets.named_text("tinystories", assets.PPL_DATASETS))
   tokens = data.tokenize(data.load_tokenizer(story), text)
   log(f"TinyStories eval: {len(tokens)} tokens; threads {args.threads} (affinity {len(os.sched_getaffinity(0))})")
-  env = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-         "python": platform.python_version(), "cpu_count": os.cpu_count(),
-         "affinity_cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-         "jax_backend": jax.default_backend(), "repeats": args.repeats,
-         **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS")}}
-  out = {"env": env, "models": {}}
+  out = {"env": environment(repeats=args.repeats), "models": {}}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
       seqlen, nsamples = MODELS[name]

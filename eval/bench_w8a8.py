@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see eval/bench_ppl.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_ppl import log, make_llama8x512, torch_ppl  # noqa: E402
+from bench_ppl import environment, log, make_llama8x512, pin_threads, torch_ppl  # noqa: E402
 
 
 def main(argv=None):
@@ -44,9 +43,7 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks (default: all)")
   p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is reported")
   args = p.parse_args(argv)
-  cpus = sorted(os.sched_getaffinity(0))
-  if args.threads < len(cpus):
-    os.sched_setaffinity(0, cpus[:args.threads])  # before JAX creates its CPU client
+  pin_threads(args.threads)
 
   import jax
   import torch
@@ -86,10 +83,7 @@ def main(argv=None):
       best[name], ppl[name] = max(best.get(name, 0.0), tps), pp
       log(f"[llama8x512] round {i}: {name:20s} {tps:9.0f} tok/s  ppl {pp:.4f}")
   out = {
-      "env": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-              "python": platform.python_version(), "cpu_count": os.cpu_count(),
-              "affinity_cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-              "load_average": os.getloadavg()},
+      "env": environment(repeats=args.repeats),
       "windows": len(w), "seqlen": args.seqlen, "batch_size": args.batch_size,
       "tokens_per_second": {k: round(v, 1) for k, v in best.items()},
       "ppl": ppl,
