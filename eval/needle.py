@@ -2,13 +2,14 @@
 precision or a quantized KV cache?
 
 Prompt: sentences of a local text (default the TinyStories eval text; ``--haystack FILE``) up to ``L`` tokens,
-with the needle sentence ``"Her name was KEY."`` inserted after the fraction ``depth`` of them, ending with the
-question ``"... Her name was"``. The model decodes ``--new-tokens`` greedy tokens through the cache;
-a trial scores 1 when the first word of the completion is exactly ``KEY`` (keys are names drawn with the seed; a
-TinyStories model copies a name it has seen far more readily than an arbitrary word). Grid: ``--lengths`` x ``--depths`` x ``--trials``, for each KV method of
-``--kv-methods`` (``fp``, ``kivi-B``, ``kvquant-B``; the KIVI/KVQuant settings are the ``--kv-*`` flags of
-``qjax.quantize``). Small models such as stories260K answer by copying ("induction"), so accuracy falls with
-length; the harness is the same for any LLaMA/OPT checkpoint (``--model``).
+with the needle sentence ``"Her name was KEY."`` inserted at the sentence boundary nearest the fraction ``depth``
+of their tokens, ending with the question ``"... Her name was"``. The model decodes ``--new-tokens`` greedy
+tokens through the cache; a trial scores 1 when the first word of the completion is exactly ``KEY`` (keys are
+names drawn with the seed: a TinyStories model copies a name it has seen far more readily than an arbitrary
+word). Grid: ``--lengths`` x ``--depths`` x ``--trials``, for each KV method of ``--kv-methods`` (``fp``,
+``kivi-B``, ``kvquant-B``; the KIVI/KVQuant settings are the ``--kv-*`` flags of ``qjax.quantize``). Small models
+such as stories260K answer by copying ("induction"), so accuracy falls with length; the harness is the same for
+any LLaMA/OPT checkpoint (``--model``).
 
 Outputs: one JSON object on stdout (accuracy grid per method, effective bits, every trial's prompt length, key and
 completion) and, with ``--png FILE``, a heatmap per method (depth x length, accuracy).
@@ -40,18 +41,19 @@ def sentences(text: str) -> list[str]:
 
 
 def build_prompt(tok, pool: list[str], start: int, length: int, depth: float, key: str) -> list[int]:
-  """Token ids of a prompt of at most ``length`` tokens: haystack sentences from ``pool[start:]``, the needle
-  after ``depth`` of them, the question at the end."""
+  """Token ids of a prompt of at most ``length`` tokens: haystack sentences from ``pool[start:]``, the needle at
+  the sentence boundary nearest the fraction ``depth`` of the haystack's tokens, the question at the end."""
   needle, question = NEEDLE.format(key=key), QUESTION
   budget = length - len(tok(f" {needle} {question}", add_special_tokens=False)["input_ids"]) - 2
-  hay, used = [], 0
+  hay, ends, used = [], [0], 0
   for s in pool[start:] + pool[:start]:
     n = len(tok(" " + s, add_special_tokens=False)["input_ids"])
     if used + n > budget:
       break
     hay.append(s)
     used += n
-  cut = int(round(depth * len(hay)))
+    ends.append(used)
+  cut = int(np.argmin(np.abs(np.asarray(ends) - depth * used)))  # the sentence boundary nearest the token depth
   text = " ".join(hay[:cut] + [needle] + hay[cut:] + [question])
   return tok(text)["input_ids"]
 
@@ -119,7 +121,7 @@ def _heatmap(out: dict, png: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   names = list(out["methods"])
-  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+  fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3), squeeze=False, layout="constrained")
   for ax, name in zip(axes[0], names):
     m = out["methods"][name]
     im = ax.imshow(np.asarray(m["accuracy"]), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -129,7 +131,7 @@ def _heatmap(out: dict, png: str):
     ax.set_title(f"{name} ({m['effective_bits']:.1f} bits)", fontsize=9)
   axes[0][0].set_ylabel("needle depth")
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
-  fig.savefig(png, dpi=120, bbox_inches="tight")
+  fig.savefig(png, dpi=120)
 
 
 if __name__ == "__main__":
