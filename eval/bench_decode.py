@@ -16,7 +16,8 @@ Models: ``stories260K`` (context 512: L = 2048 is skipped) and ``llama8x512`` (`
 hidden 512, random weights, context 2048). KV methods (``--kv-methods``): ``fp`` (dense cache in the compute
 dtype), ``kivi-B`` (group ``min(32, head_dim)`` = 8 for stories260K, residual 4 groups) and ``kvquant-B``
 (calibrated on 4 windows of the TinyStories calib text, 1% outliers, first token exact); transformers runs the fp
-model once per length and every qjax method is compared with it (``ratio_vs_torch``) and with qjax fp. Threads: ``--threads N`` as in ``eval/bench_ppl.py``
+model once per length and every qjax method is compared with it (``ratio_vs_torch``) and with qjax fp.
+Threads: ``--threads N`` as in ``eval/bench_ppl.py``
 (torch threads and the process's CPU affinity, before JAX starts; ``OMP_WAIT_POLICY`` defaults to PASSIVE).
 
 Run: ``OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 python eval/bench_decode.py`` (a few minutes), or
@@ -79,12 +80,13 @@ def torch_decode(model, prompt, new_tokens: int) -> tuple[list[int], float, floa
   return out[0, len(prompt):].tolist(), t[0] - start, (new_tokens - 1) / (t[-1] - t[0])
 
 
-def bench(name, path, tokens, length, new_tokens, methods, repeats):
+def bench(name, path, tok, tokens, length, new_tokens, methods, repeats):
+  """One model and cache length; ``tok`` (the stories260K tokenizer, shared by both models) tokenizes KVQuant's
+  calibration text."""
   import torch
   from transformers import AutoModelForCausalLM
-  from qjax import data, generation, models
+  from qjax import generation, models
   model, params = models.load(path)
-  tok = data.load_tokenizer(path)
   context = model.config.max_position_embeddings
   if length > context:
     log(f"[{name}] L={length}: skipped (context {context})")
@@ -151,7 +153,8 @@ def main(argv=None):
   torch.set_num_threads(args.threads)
   story = assets.asset(assets.DEFAULT_MODEL)
   text = data.read_text(assets.named_text("tinystories", assets.PPL_DATASETS))
-  tokens = data.tokenize(data.load_tokenizer(story), text[:200_000])
+  tok = data.load_tokenizer(story)
+  tokens = data.tokenize(tok, text[:200_000])
   out = {"env": environment(repeats=args.repeats, new_tokens=args.new_tokens), "models": {}}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
@@ -159,7 +162,7 @@ def main(argv=None):
       if name == "llama8x512":
         path = os.path.join(tmp, name)
         make_llama8x512(path)
-      out["models"][name] = {f"L{n}": bench(name, path, tokens, n, args.new_tokens, methods, args.repeats)
+      out["models"][name] = {f"L{n}": bench(name, path, tok, tokens, n, args.new_tokens, methods, args.repeats)
                              for n in lengths}
   print(json.dumps(out, indent=1))
 

@@ -97,7 +97,8 @@ def main(argv=None):
     trials = []
     for j, L in enumerate(lengths):
       batch = [(d, t, key) for LL, d, t, key, _ in grid if LL == L]
-      r = gen.generate([prompts[(L, d, t)] for d, t, _ in batch], args.new_tokens, max_len=min(L, room) + args.new_tokens,
+      r = gen.generate([prompts[(L, d, t)] for d, t, _ in batch], args.new_tokens,
+                       max_len=min(L, room) + args.new_tokens,
                        stop_tokens=())
       for (d, t, key), text in zip(batch, r.texts):
         words = re.findall(r"[A-Za-z]+", text)

@@ -90,7 +90,8 @@ def _report(r: GenerationResult, cache_dtype, cache_label: str = "dense") -> str
   if tps:
     decode = f"{tps:,.1f} tokens/s ({r.decode_steps} steps x {len(r.tokens)} rows in {r.decode_seconds:.3f} s)"
   return (f"prefill {len(r.tokens)} x {max(r.prompt_lengths)} tokens: {r.prefill_seconds:.3f} s; decode: {decode}; "
-          f"KV cache {cache_label}, {np.dtype(cache_dtype).name}, {r.max_len} slots: {r.cache_bytes_per_token:,.0f} bytes/token; "
+          f"KV cache {cache_label}, {np.dtype(cache_dtype).name}, {r.max_len} slots: "
+          f"{r.cache_bytes_per_token:,.0f} bytes/token; "
           f"compile {r.compile_seconds:.1f} s")
 
 
@@ -105,7 +106,7 @@ def _result_json(r: GenerationResult, args, method, cache_dtype) -> dict:
   }
 
 
-def _chat(gen: Generator, args, stop):
+def _chat(gen: Generator, args, stop, cache_label: str):
   """One generation per stdin line; with a chat template the conversation is re-encoded every turn."""
   tok = gen.tokenizer
   template = getattr(tok, "chat_template", None)
@@ -133,7 +134,7 @@ def _chat(gen: Generator, args, stop):
     turn += 1
     if template:
       messages.append({"role": "assistant", "content": r.texts[0]})
-    print(_report(r, gen.cache_dtype, args.cache_label), file=sys.stderr, flush=True)
+    print(_report(r, gen.cache_dtype, cache_label), file=sys.stderr, flush=True)
 
 
 def run(argv=None) -> int:
@@ -150,12 +151,12 @@ def run(argv=None) -> int:
   saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
   q = recipe.apply(args, model, params, meta, tok, progress=sys.stderr.isatty(), kv_calibration=saved_kv)
   method = q.method
-  args.cache_label = q.kv.describe() if q.kv else "dense"
+  cache_label = q.kv.describe() if q.kv else "dense"
   gen = Generator(q.model, q.params, tok, sampling=sampling,
                   **({"cache_factory": q.kv.cache_factory} if q.kv else {}))
   stop = sorted(set(eos_token_ids(model.config, tok)) | set(args.stop_token))
   if args.chat:
-    _chat(gen, args, stop)
+    _chat(gen, args, stop, cache_label)
     return 0
   stream = _Streamer(tok, prompts[0], stop) if len(prompts) == 1 else None
   r = gen.generate(prompts, args.max_new_tokens, max_len=args.max_len, stop_tokens=stop, seed=args.seed,
@@ -164,7 +165,7 @@ def run(argv=None) -> int:
     print("\n\n".join(r.texts))
   else:
     stream.finish(r.texts[0])
-  print(_report(r, gen.cache_dtype, args.cache_label), file=sys.stderr)
+  print(_report(r, gen.cache_dtype, cache_label), file=sys.stderr)
   if args.json:
     cli.write_json(args.json, _result_json(r, args, method, gen.cache_dtype))
   return 0

@@ -15,7 +15,8 @@ and only the quantized weights differ. Per decoder layer, on the layer's calibra
    quantizer (:mod:`qjax.uniform`) and ``H = (2/N) sum x x^T [in, in]`` the input's Hessian statistic:
    ``||X D^T||_F^2 = (N/2) tr(D H D^T)`` over the ``N`` calibration tokens, so no activation is stored; the grid
    is one ``lax.map`` inside one ``jit`` (see :func:`search_scale` for why not ``vmap``). ``alpha = 0`` gives
-   ``s = 1``, plain RTN, so the chosen scales never do worse than RTN on this objective. Deviation from the reference (llm-awq ``auto_scale``): it measures the error
+   ``s = 1``, plain RTN, so the chosen scales never do worse than RTN on this objective. Deviation from the
+   reference (llm-awq ``auto_scale``): it measures the error
    of the whole block's output (the self-attention output for q/k/v, the MLP output for gate/up); here it is each
    linear's own output, summed over the group (identical for the one-linear groups ``v -> o``, ``up -> down``).
    The clamp and the normalization are the reference's.
