@@ -37,6 +37,8 @@ def add_args(p: argparse.ArgumentParser):
   g.add_argument("--kv-first-fp", type=int, default=1,
                  help="KVQuant: first tokens (absolute positions) kept in full precision (default 1)")
   g.add_argument("--kv-calib-nsamples", type=int, default=16, help="KVQuant calibration windows (default 16)")
+  g.add_argument("--kv-uniform", action="store_true", help="KVQuant: uniform grid instead of the k-means codebook")
+  g.add_argument("--kv-fisher", action="store_true", help="KVQuant: Fisher-weighted k-means")
 
 
 def validate(args):
@@ -54,7 +56,8 @@ def config(method: str, bits: int, args):
     if args.kv_calib_nsamples < 1:
       raise InputError(f"--kv-calib-nsamples must be positive, got {args.kv_calib_nsamples}")
     return kvquant.KVQuantConfig(bits=bits, outlier_fraction=args.kv_outliers, first_fp=args.kv_first_fp,
-                                 nsamples=args.kv_calib_nsamples)
+                                 nsamples=args.kv_calib_nsamples, nuq=not getattr(args, "kv_uniform", False),
+                                 fisher=getattr(args, "kv_fisher", False))
   raise InputError(f"unknown KV method {method!r} (known: {', '.join(KV_METHODS)})")
 
 
