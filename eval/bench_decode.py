@@ -50,7 +50,8 @@ def kv_setup(method: str, model, params, tok):
   name, _, bits = method.partition("-")
   g = min(32, model.config.head_dim)
   flags = argparse.Namespace(kv_group_size=g, kv_residual=4 * g, kv_outliers=0.01, kv_first_fp=1,
-                             kv_calib_nsamples=4, calib_text=None, calib_dataset="tinystories", seed=0)
+                             kv_calib_nsamples=4, kv_uniform=False, kv_fisher=False, calib_text=None,
+                             calib_dataset="tinystories", seed=0)
   setup = kv_cli.setup(name, int(bits), flags, model, params, tok, progress=False)
   return setup.cache_factory, setup.effective_bits
 

@@ -59,6 +59,9 @@ def validate(args):
       raise InputError("--int8-kernel needs --wbits 8 and per-channel weights (--groupsize -1)")
     if args.method == "gptq" and args.act_order:
       raise InputError("--int8-kernel needs weights in natural column order (no --act-order)")
+  if args.method == "zeroquant" and (args.act_groupsize != -1 or args.quantize_attention_matmuls or args.sym_act):
+    raise InputError("ZeroQuant quantizes linear inputs per token with symmetric absmax levels: drop "
+                     "--act-groupsize / --quantize-attention-matmuls / --sym-act")
   if args.method == "llm_int8" and args.abits != 16:
     raise InputError("LLM.int8 quantizes its own activations: drop --abits")
   if args.smoothquant and not 0 <= args.alpha <= 1:
@@ -71,14 +74,16 @@ def validate(args):
     raise InputError("--smoothquant / --plant-outliers transform a float model: use --model, not --load")
 
 
-def act_config(args, saved: dict | None = None) -> ActQuantConfig:
+def act_config(args, method_config=None, saved: dict | None = None) -> ActQuantConfig:
   """The activation quantizer: from the flags, or the one saved with a loaded checkpoint when ``--abits`` is not
-  given. ZeroQuant uses DeepSpeed's symmetric absmax levels."""
+  given. ZeroQuant runs with the quantizer its distillation trained with (``ZeroQuantConfig.act_config``:
+  DeepSpeed's symmetric absmax levels per token)."""
   if args.abits == 16 and saved:
     return ActQuantConfig(**saved)
-  scheme = "absmax" if args.method == "zeroquant" else "minmax"
-  return ActQuantConfig(bits=args.abits, sym=args.sym_act or scheme == "absmax", group_size=args.act_groupsize,
-                        attention_matmuls=args.quantize_attention_matmuls, scheme=scheme)
+  if args.method == "zeroquant":
+    return method_config.act_config()
+  return ActQuantConfig(bits=args.abits, sym=args.sym_act, group_size=args.act_groupsize,
+                        attention_matmuls=args.quantize_attention_matmuls)
 
 
 def outlier_config(args) -> OutlierConfig | None:

@@ -1,4 +1,7 @@
-"""Layer-wise calibration shared by the calibration-based methods (GPTQ, SpQR; later AWQ, SmoothQuant, KVQuant).
+"""Layer-wise calibration shared by the calibration-based methods (GPTQ, SpQR, AWQ, SmoothQuant, ZeroQuant's LKD,
+KVQuant): :func:`walk_layers` visits the decoder layers in order with their calibration inputs,
+:func:`collect_stats` accumulates per-linear input statistics with a scan, :func:`quantize_layerwise` is GPTQ's
+pipeline on top of them.
 
 As in the reference (GPTQ's ``llama_sequential``): the inputs of decoder layer 0 are captured for ``n`` windows of
 ``seqlen`` tokens; then, layer by layer, each linear's Hessian ``H = (2 / n) sum_{windows, tokens} x x^T`` is
@@ -175,7 +178,7 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
     fp_layer = tree.unflatten({p[len(prefix) + 1:]: v for p, v in flat.items() if p.startswith(prefix + "/")})
     layer, losses = process(i, prefix, fp_layer, x)
     y = run_layer(model, layer, x)
-    y_fp = run_layer(model, fp_layer, x)
+    y_fp = y if layer is fp_layer else run_layer(model, fp_layer, x)  # unchanged layers run once
     rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
     x = y if propagate == "new" else y_fp
     del y, y_fp

@@ -56,8 +56,7 @@ def config(method: str, bits: int, args):
     if args.kv_calib_nsamples < 1:
       raise InputError(f"--kv-calib-nsamples must be positive, got {args.kv_calib_nsamples}")
     return kvquant.KVQuantConfig(bits=bits, outlier_fraction=args.kv_outliers, first_fp=args.kv_first_fp,
-                                 nsamples=args.kv_calib_nsamples, nuq=not getattr(args, "kv_uniform", False),
-                                 fisher=getattr(args, "kv_fisher", False))
+                                 nsamples=args.kv_calib_nsamples, nuq=not args.kv_uniform, fisher=args.kv_fisher)
   raise InputError(f"unknown KV method {method!r} (known: {', '.join(KV_METHODS)})")
 
 

@@ -1,6 +1,6 @@
 """Command-line wiring of the weight quantization methods, shared by every entry point that quantizes
-(``qjax.quantize`` now, ``qjax.generate`` later): flags, up-front validation, config construction, calibration
-data and the call into each method's model-level transform."""
+(``qjax.quantize`` and ``qjax.generate``, through :mod:`qjax.recipe`): flags, up-front validation, config
+construction, calibration data and the call into each method's model-level transform."""
 from __future__ import annotations
 
 import argparse

@@ -62,7 +62,7 @@ def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress:
   saved KVQuant calibration to reuse). KVQuant is calibrated on the float model the recipe starts from."""
   cfg = method_cli.config(args)
   method_cli.validate_for_model(args, model, params, cfg)
-  act = act_cli.act_config(args, meta["method"].get("activation") if meta else None)
+  act = act_cli.act_config(args, cfg, meta["method"].get("activation") if meta else None)
   params = act_cli.prepare(args, model, params)
   calib = method_cli.calibration_data(args, model, tokenizer, args.seed) if method_cli.needs_calibration(args) \
       else None

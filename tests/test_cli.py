@@ -107,6 +107,8 @@ BAD = {
     "int8_kernel_needs_w8": (["--method", "rtn", "--abits", "8", "--int8-kernel"], ["--int8-kernel", "--wbits 8"]),
     "llm_int8_with_abits": (["--method", "llm_int8", "--abits", "8"], ["LLM.int8", "--abits"]),
     "smoothquant_alpha": (["--smoothquant", "--alpha", "1.5"], ["--alpha", "1.5"]),
+    "zeroquant_grouped_activations": (["--method", "zeroquant", "--abits", "8", "--act-groupsize", "16"],
+                                      ["ZeroQuant", "--act-groupsize"]),
     "lkd_layers_not_integers": (["--method", "zeroquant", "--lkd-layers", "0,x"], ["--lkd-layers", "0,x"]),
     "lkd_layer_out_of_range": (["--method", "zeroquant", "--zq-lkd", "--lkd-layers", "7"], ["7", "5 layers"]),
     "kivi_group_not_dividing_head_dim": (["--kv-method", "kivi", "--kv-group-size", "16", "--kv-residual", "32"],
