@@ -52,7 +52,7 @@ def kv_setup(method: str, model, params, tok):
   flags = argparse.Namespace(kv_group_size=g, kv_residual=4 * g, kv_outliers=0.01, kv_first_fp=1,
                              kv_calib_nsamples=4, kv_uniform=False, kv_fisher=False, calib_text=None,
                              calib_dataset="tinystories", seed=0)
-  setup = kv_cli.setup(name, int(bits), flags, model, params, tok, progress=False)
+  setup = kv_cli.setup(name, kv_cli.config(name, int(bits), flags), flags, model, params, tok, progress=False)
   return setup.cache_factory, setup.effective_bits
 
 

@@ -179,62 +179,16 @@ def bench_linear(sizes, repeats):
 # ----------------------------------------------------------------------------------------------- whole model
 
 def torch_gptq_model(path, windows, group_size):
-  """The reference layer-wise GPTQ (``llama_sequential``, all 7 linears at once) on the transformers model.
-
-  Returns ``(seconds, per-layer seconds, total GPTQ loss)``; the model load is not timed.
-  """
+  """The reference layer-wise GPTQ (``torch_gptq.gptq_model``: ``llama_sequential``, all 7 linears at once) on the
+  transformers model. Returns ``(seconds, per-layer seconds, total GPTQ loss)``; the model load is not timed."""
   import torch
   from transformers import AutoModelForCausalLM
-  from torch_gptq import gptq
+  from torch_gptq import gptq_model
   model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-  layers = model.model.layers
-  ids = torch.from_numpy(windows.astype(np.int64))
-  n = len(ids)
   start = time.perf_counter()
-  with torch.no_grad():
-    inps, kw = [], {}
-
-    class Catcher(torch.nn.Module):
-      def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-      def forward(self, x, **kwargs):
-        inps.append(x)
-        kw.update(kwargs)
-        raise ValueError
-
-    layers[0] = Catcher(layers[0])
-    for row in ids:
-      try:
-        model(row[None], use_cache=False)
-      except ValueError:
-        pass
-    layers[0] = layers[0].layer
-    per_layer, loss = [], 0.0
-    for layer in layers:
-      t0 = time.perf_counter()
-      lins = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-      hs = {name: torch.zeros(m.in_features, m.in_features) for name, m in lins.items()}
-
-      def hook(name):
-        def f(_, inp, __):
-          x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-          hs[name] += x.T @ x
-        return f
-
-      handles = [m.register_forward_hook(hook(name)) for name, m in lins.items()]
-      for x in inps:
-        layer(x, **kw)
-      for hd in handles:
-        hd.remove()
-      for name, m in lins.items():
-        q, l = gptq(m.weight.data, hs[name] * (2.0 / n), bits=4, group_size=group_size)
-        m.weight.data = q.to(m.weight.dtype)
-        loss += l
-      inps = [layer(x, **kw) for x in inps]
-      per_layer.append(time.perf_counter() - t0)
-  return time.perf_counter() - start, per_layer, loss
+  rep = gptq_model(model, windows, bits=4, group_size=group_size)
+  loss = sum(sum(l.values()) for l in rep["layers"])
+  return time.perf_counter() - start, rep["seconds"], loss
 
 
 def bench_model(name, path, windows, repeats, groups):

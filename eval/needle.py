@@ -90,7 +90,8 @@ def main(argv=None):
   out = {"model": str(path), "lengths": lengths, "depths": depths, "trials": args.trials, "methods": {}}
   for spec in args.kv_methods.split(","):
     method, _, bits = spec.partition("-")
-    setup = None if method == "fp" else kv_cli.setup(method, int(bits), args, model, params, tok, progress=False)
+    setup = None if method == "fp" else kv_cli.setup(method, kv_cli.config(method, int(bits), args), args, model,
+                                                     params, tok, progress=False)
     factory = setup.cache_factory if setup else KVCache.dense
     gen = generation.Generator(model, params, tok, cache_factory=factory)
     acc = np.zeros((len(depths), len(lengths)))

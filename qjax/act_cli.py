@@ -42,8 +42,18 @@ def add_args(p: argparse.ArgumentParser):
                  help="plant in the attention norms (default) or every norm feeding linears")
 
 
+def scopes(args):
+  """``(flags, applies, needs)`` for :func:`qjax.cli.check_scopes`."""
+  return [(("sym_act",), args.abits != 16, "--abits below 16"),
+          (("alpha",), args.smoothquant, "--smoothquant"),
+          (("outlier_factor", "outlier_norms"), args.plant_outliers > 0, "--plant-outliers N")]
+
+
 def validate(args):
   """Checks that need no model."""
+  if args.smoothquant and args.method == "none" and args.abits == 16:
+    raise InputError("--smoothquant alone only rescales the model (function-preserving, the same outputs): combine "
+                     "it with a weight method (--method) and/or activation bits (--abits)")
   if args.abits != 16 and not 2 <= args.abits <= 8:
     raise InputError(f"--abits must be between 2 and 8 (or 16 for none), got {args.abits}")
   if args.act_groupsize == 0 or args.act_groupsize < -1:
@@ -114,8 +124,11 @@ def matmul_paths(model, params, act: ActQuantConfig) -> list[str]:
   return sorted({path_name(flat[p], hook) for p in tree.matching(params, (model.family.linear_pattern,))})
 
 
-def describe(act: ActQuantConfig) -> str:
-  """One line for the summary, e.g. ``8-bit per-token asym, fake quantization; + attention matmuls``."""
+def describe(act: ActQuantConfig, method: str = "none") -> str:
+  """One line for the summary, e.g. ``8-bit per-token asym, dynamic; + attention matmuls``."""
+  if method == "llm_int8":
+    return ("LLM.int8 decomposition: input columns with any |x| >= threshold in float, the rest 8-bit "
+            "per-token absmax (int8 x int8)")
   if not act.enabled:
     return "float (not quantized)"
   ranges = "per-token" if act.group_size == -1 else f"per {act.group_size} channels"

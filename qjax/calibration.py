@@ -24,12 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from qjax import tree
 from qjax.errors import InputError
 from qjax.models import CausalLM, layers
 from qjax.models.decoder import masks_and_positions
+from qjax.progress import bar as progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +172,7 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
   flat = tree.flatten(params)
   x = _embed(model, params, windows)
   reports = []
-  for i in tqdm(range(model.config.num_layers), desc=desc, disable=not progress, leave=False):
+  for i in progress_bar(range(model.config.num_layers), desc=desc, enabled=progress):
     t0 = time.perf_counter()
     prefix = fam.layer_path(i)
     fp_layer = tree.unflatten({p[len(prefix) + 1:]: v for p, v in flat.items() if p.startswith(prefix + "/")})

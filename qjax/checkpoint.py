@@ -14,6 +14,7 @@ so an interrupted save leaves no partial checkpoint (and the source model folder
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -30,18 +31,67 @@ from qjax.errors import InputError
 from qjax.qarray import QUANTIZED_TYPES, QuantizedTensor, data_fields, static_fields
 
 FORMAT = "qjax-checkpoint-v1"
+# The only modules whose quantized tensor types a checkpoint may name (loading never imports anything else).
+QUANTIZED_TYPE_MODULES = ("qjax.qarray", "qjax.int8", "qjax.methods.spqr")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
-def check_destination(dest, overwrite: bool) -> Path:
-  """Validates an output path up front (before any long work)."""
+def check_destination(dest, overwrite: bool, what: str = "output path") -> Path:
+  """Validates an output path up front (before any long work): ``dest`` must not exist (unless ``overwrite``)
+  and its nearest existing ancestor must be a folder this process can create files in (checked by creating and
+  removing a probe file, which also catches read-only file systems and root-owned folders). Missing parent
+  folders are fine: the writers create them when they write (:func:`atomic_dir`, :func:`atomic_file`)."""
   dest = Path(dest)
   if dest.exists() and not overwrite:
-    raise InputError(f"output path {dest} already exists (pass --overwrite to replace it)")
-  if not dest.resolve().parent.is_dir():
-    raise InputError(f"parent folder of {dest} does not exist")
+    raise InputError(f"{what} {dest} already exists (pass --overwrite to replace it)")
+  base = dest.absolute().parent
+  while not base.exists():
+    base = base.parent
+  if not base.is_dir():
+    raise InputError(f"{what} {dest} cannot be created: {base} is not a folder")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".qjax-write-probe-", dir=base)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise InputError(f"{what} {dest} cannot be written: {base}: {e.strerror or e}") from None
   return dest
+
+
+def _write_base(dest: Path) -> Path:
+  """The nearest existing ancestor folder of ``dest``, where its temporary sibling is made."""
+  base = dest.parent
+  while not base.exists():
+    base = base.parent
+  return base
+
+
+def _publish(tmp: Path, dest: Path):
+  """Creates ``dest``'s missing parent folders and renames ``tmp`` to ``dest`` (replacing a folder there)."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  if dest.is_dir() and not dest.is_symlink():
+    shutil.rmtree(dest)
+  elif tmp.is_dir() and (dest.exists() or dest.is_symlink()):
+    dest.unlink()
+  os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def atomic_file(dest, mode: str = "w"):
+  """Yields a file object whose contents replace ``dest`` only if the block completes (temporary file + rename;
+  missing parent folders are created at the end, so nothing is created when the block fails)."""
+  dest = Path(dest).absolute()
+  fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=_write_base(dest))
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+    os.chmod(tmp, 0o666 & ~current_umask())
+    _publish(Path(tmp), dest)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
 
 
 def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool = False,
@@ -88,14 +138,18 @@ def load_kv_calibration(path) -> dict | None:
 
 @contextlib.contextmanager
 def atomic_dir(dest: Path):
-  """Yields a temporary sibling folder of ``dest`` that replaces ``dest`` only if the block completes."""
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+  """Yields a temporary folder that replaces ``dest`` only if the block completes. Missing parent folders of
+  ``dest`` are created only then (nothing is left behind when the block fails); every file written gets the
+  usual mode (``0666 & ~umask``, folders ``0777 & ~umask``) whatever mode its writer chose."""
+  dest = Path(dest).absolute()
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=_write_base(dest)))
   try:
     yield tmp
-    os.chmod(tmp, 0o777 & ~current_umask())
-    if dest.exists():
-      shutil.rmtree(dest)
-    os.rename(tmp, dest)
+    umask = current_umask()
+    for p in [tmp, *tmp.rglob("*")]:
+      if not p.is_symlink():
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+    _publish(tmp, dest)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -116,29 +170,62 @@ def current_umask() -> int:
 
 
 def read_meta(path) -> dict:
+  """The checkpoint's ``qjax.json`` (InputError, naming the problem, for anything that is not a readable qjax
+  checkpoint of this format)."""
   path = Path(path)
   meta = path / "qjax.json"
   if not path.is_dir():
     raise InputError(f"checkpoint path {path} does not exist or is not a directory")
   if not meta.is_file() or not (path / "params").is_dir():
     raise InputError(f"{path} is not a qjax checkpoint (no qjax.json or params/)")
-  d = json.loads(meta.read_text())
-  if d.get("format") != FORMAT:
-    raise InputError(f"{path} has unsupported checkpoint format {d.get('format')!r}")
+  try:
+    d = json.loads(meta.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f"checkpoint {path}: qjax.json is damaged ({e})") from None
+  if not isinstance(d, dict) or d.get("format") != FORMAT:
+    raise InputError(f"{path} has unsupported checkpoint format {d.get('format') if isinstance(d, dict) else d!r}")
+  if not isinstance(d.get("qarrays"), dict) or not isinstance(d.get("method"), dict) or "dtype" not in d:
+    raise InputError(f"checkpoint {path}: qjax.json lacks its 'method', 'dtype' or 'qarrays' entries")
   return d
 
 
+def _quantized_type(path: Path, qpath: str, static: dict) -> type:
+  """The stored tensor type named in ``qjax.json``, resolved ONLY among qjax's own quantized types (the modules
+  of :data:`QUANTIZED_TYPE_MODULES`); a module or type outside that list is refused, never imported."""
+  module, name = static.pop("module", "qjax.qarray"), static.pop("type", None)
+  if module not in QUANTIZED_TYPE_MODULES:
+    raise InputError(f"checkpoint {path}: {qpath} names module {module!r}, which is not one of qjax's quantized "
+                     f"tensor modules ({', '.join(QUANTIZED_TYPE_MODULES)})")
+  importlib.import_module(module)  # a fixed qjax module: registers its types
+  cls = QUANTIZED_TYPES.get(name)
+  if cls is None or cls.__module__ != module:
+    raise InputError(f"checkpoint {path}: {qpath} has unknown quantized tensor type {name!r}")
+  return cls
+
+
 def load_params(path) -> tuple[dict, dict]:
-  """``(params, meta)`` from a checkpoint written by :func:`save` (quantized tensors rebuilt from metadata)."""
+  """``(params, meta)`` from a checkpoint written by :func:`save` (quantized tensors rebuilt from metadata).
+  A damaged checkpoint (unreadable arrays, arrays missing under ``params/``, inconsistent metadata) raises
+  InputError naming what is wrong."""
   path = Path(path).resolve()
   meta = read_meta(path)
-  flat = tree.flatten(ocp.StandardCheckpointer().restore(path / "params"))
+  try:
+    flat = tree.flatten(ocp.StandardCheckpointer().restore(path / "params"))
+  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise InputError(f"checkpoint {path}: the arrays under params/ cannot be read ({first})") from None
   for qpath, static in meta["qarrays"].items():
     static = dict(static)
-    importlib.import_module(static.pop("module", "qjax.qarray"))  # registers the type
-    cls = QUANTIZED_TYPES[static.pop("type")]
+    cls = _quantized_type(path, qpath, static)
+    required = [f.name for f in dataclasses.fields(cls) if f.name in data_fields(cls) and "None" not in str(f.type)]
+    missing = [f"{qpath}/{k}" for k in required if f"{qpath}/{k}" not in flat]
+    if missing:
+      raise InputError(f"checkpoint {path}: params/ lacks {', '.join(missing[:3])}")
     fields = {k: (None if f"{qpath}/{k}" not in flat else jnp.asarray(flat.pop(f"{qpath}/{k}")))
               for k in data_fields(cls)}
     static = {k: tuple(v) if isinstance(v, list) else v for k, v in static.items()}
-    flat[qpath] = cls(**fields, **static)
+    try:
+      flat[qpath] = cls(**fields, **static)
+    except (TypeError, ValueError) as e:
+      raise InputError(f"checkpoint {path}: {qpath} cannot be rebuilt as {cls.__name__} ({e})") from None
   return tree.unflatten({k: (v if isinstance(v, QuantizedTensor) else jnp.asarray(v)) for k, v in flat.items()}), meta

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from qjax import assets, checkpoint, models
+from qjax import assets, checkpoint, hf_gptq, models
 from qjax.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -34,6 +32,34 @@ def run_guarded(fn, argv, prog: str) -> int:
     return 130
 
 
+def given_flags(parser: argparse.ArgumentParser, argv, args) -> frozenset[str]:
+  """The option destinations the user set on the command line (even to their default value): ``argv`` parsed
+  again into a namespace pre-filled with sentinels (argparse only fills in defaults that are absent), so a
+  destination still holding its sentinel was not given."""
+  unset = object()
+  sentinels = {k: [] if isinstance(v, list) else unset for k, v in vars(args).items()}
+  ns = parser.parse_args(sys.argv[1:] if argv is None else argv, namespace=argparse.Namespace(**sentinels))
+  return frozenset(k for k, v in vars(ns).items() if v is not sentinels[k])
+
+
+_FLAG_NAMES = {"sym_act": "--sym-act/--asym", "act_order": "--act-order/--no-act-order",
+               "static_groups": "--static-groups/--no-static-groups"}
+
+
+def flag(dest: str) -> str:
+  """The command-line spelling of an option destination (``kv_bits`` -> ``--kv-bits``)."""
+  return _FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
+
+
+def check_scopes(given: frozenset[str], scopes):
+  """Refuses flags that would be accepted and do nothing: ``scopes`` is an iterable of ``(dests, applies,
+  needs)``; when ``applies`` is false and the user set one of ``dests``, the error says it needs ``needs``."""
+  for dests, applies, needs in scopes:
+    used = [flag(d) for d in dests if d in given]
+    if used and not applies:
+      raise InputError(f"{', '.join(used)} {'has' if len(used) == 1 else 'have'} no effect without {needs}")
+
+
 def add_model_args(p: argparse.ArgumentParser):
   src = p.add_mutually_exclusive_group()
   src.add_argument("--model", help="Hugging Face model folder (default: assets stories260K)")
@@ -47,26 +73,36 @@ def model_dir(args) -> Path:
   return Path(args.load) if args.load else Path(args.model) if args.model else assets.asset(assets.DEFAULT_MODEL)
 
 
+def model_config(args):
+  """The architecture (``config.json``) of the ``--model``/``--load`` source, or None when it has none (the
+  loader then reports the problem)."""
+  d = model_dir(args)
+  return models.ModelConfig.from_dir(d) if (d / "config.json").is_file() else None
+
+
 def load_model(args):
-  """``(CausalLM, params, meta)``; meta is the checkpoint metadata with ``--load``, else ``None``."""
+  """``(CausalLM, params, meta)``. ``meta`` describes an already quantized source: the checkpoint metadata with
+  ``--load`` (``meta["loaded"] = "qjax checkpoint"``), or for an HF GPTQ folder given as ``--model`` a
+  ``method`` entry built from its ``quantization_config`` (``meta["loaded"] = "HF GPTQ checkpoint"``); ``None``
+  for a float model."""
   d = model_dir(args)
   if args.load:
     meta = checkpoint.read_meta(d)
     model = models.CausalLM(models.ModelConfig.from_dir(d), meta["dtype"])
     params, meta = checkpoint.load_params(d)
-    return model, params, meta
+    return model, params, {**meta, "loaded": "qjax checkpoint"}
   model, params = models.load(d, args.dtype)
-  return model, params, None
+  qc = hf_gptq.quantization_config_of(d)
+  if qc is None:
+    return model, params, None
+  config = {k: qc.get(k) for k in ("bits", "group_size", "sym", "desc_act", "checkpoint_format")}
+  return model, params, {"method": {"name": "hf-gptq", "config": config}, "loaded": "HF GPTQ checkpoint"}
 
 
 def write_json(path, obj):
-  """Atomic JSON write (temporary file + rename)."""
-  path = Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-  with os.fdopen(fd, "w") as f:
+  """Atomic JSON write (temporary file + rename; missing parent folders created)."""
+  with checkpoint.atomic_file(path) as f:
     json.dump(obj, f, indent=1)
-  os.chmod(tmp, 0o666 & ~checkpoint.current_umask())
-  os.replace(tmp, path)
 
 
 def format_table(headers, rows) -> str:

@@ -23,7 +23,13 @@ def read_text(path) -> str:
   path = Path(path)
   if not path.is_file():
     raise InputError(f"text file {path} does not exist")
-  return path.read_text(encoding="utf-8")
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise InputError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+  if not text.strip():
+    raise InputError(f"text file {path} is empty")
+  return text
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:

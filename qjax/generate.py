@@ -8,13 +8,13 @@ The quantization flags are those of ``qjax.quantize`` (:mod:`qjax.recipe`); gene
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from qjax import checkpoint, cli, data, recipe
 from qjax.errors import InputError
-from qjax.generation import GenerationResult, Generator, Sampling, completion_text, eos_token_ids, plan_lengths
+from qjax.generation import (GenerationResult, Generator, Sampling, bucket, completion_text, eos_token_ids,
+                             plan_lengths)
 
 PROG = "python -m qjax.generate"
 
@@ -35,15 +35,22 @@ def build_parser() -> cli.Parser:
   g.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
                  help="extra stop token id (repeatable; EOS always stops)")
   g.add_argument("--max-len", type=int,
-                 help="KV cache slots (default: prompt + new tokens capped at the model context; --chat: context)")
+                 help="KV cache slots (default: prompt + new tokens capped at the model context; --chat: the "
+                      "power of two that fits the conversation and the new tokens)")
   g.add_argument("--json", help="write tokens, texts, timings and cache size as JSON to this file")
   g.add_argument("--overwrite", action="store_true", help="allow --json to replace an existing file")
   return p
 
 
-def _validate(args) -> Sampling:
-  """Checks that need no model; returns the decoding rule."""
-  recipe.validate(args)
+def _validate(args, given) -> Sampling:
+  """Checks that need no weights; returns the decoding rule."""
+  model_config = cli.model_config(args)
+  recipe.validate(args, given, model_config)
+  vocab = model_config.vocab_size if model_config is not None else None
+  bad = [t for t in args.stop_token if t < 0 or (vocab is not None and t >= vocab)]
+  if bad:
+    raise InputError(f"--stop-token {bad[0]} is not a token id of this model (vocabulary 0..{vocab - 1})"
+                     if vocab else f"--stop-token {bad[0]} is negative")
   if not args.prompt and not args.chat:
     raise InputError("nothing to do: give --prompt TEXT (repeatable) or --chat")
   if any(not p for p in args.prompt):
@@ -54,10 +61,8 @@ def _validate(args) -> Sampling:
     raise InputError(f"--max-len must be at least 2, got {args.max_len}")
   if args.chat and args.json:
     raise InputError("--json records --prompt runs; it is not available with --chat")
-  if args.json and Path(args.json).exists() and not args.overwrite:
-    raise InputError(f"--json file {args.json} already exists (pass --overwrite to replace it)")
-  if args.json and not Path(args.json).resolve().parent.is_dir():
-    raise InputError(f"parent folder of --json file {args.json} does not exist")
+  if args.json:
+    checkpoint.check_destination(args.json, args.overwrite, "--json file")
   return Sampling(args.temperature, args.top_k, args.top_p)
 
 
@@ -106,11 +111,11 @@ def _result_json(r: GenerationResult, args, method, cache_dtype) -> dict:
   }
 
 
-def _chat(gen: Generator, args, stop, cache_label: str):
+def _chat(gen: Generator, args, stop, cache_label: str, pad_prompts: bool):
   """One generation per stdin line; with a chat template the conversation is re-encoded every turn."""
   tok = gen.tokenizer
   template = getattr(tok, "chat_template", None)
-  max_len = args.max_len or gen.model.config.max_position_embeddings  # fixed: the decode step compiles once
+  context = gen.model.config.max_position_embeddings
   messages, turn = [], 0
   while True:
     if sys.stdin.isatty():
@@ -127,9 +132,16 @@ def _chat(gen: Generator, args, stop, cache_label: str):
       ids = tok(text, add_special_tokens=False)["input_ids"]
     else:
       ids = tok(line)["input_ids"]
+    # The conversation and the cache grow through a few power-of-two buckets: one compile per bucket, not per turn.
+    # Prompts are left-padded to their bucket only with the dense cache (a quantized cache would quantize the
+    # padding slots together with real tokens).
+    pad_to = bucket(len(ids), context) if pad_prompts else len(ids)
+    max_len = args.max_len or bucket(pad_to + args.max_new_tokens, context)
+    if pad_to >= max_len:
+      pad_to = len(ids)
     stream = _Streamer(tok, ids, stop)
     r = gen.generate([ids], args.max_new_tokens, max_len=max_len, stop_tokens=stop, seed=args.seed + turn,
-                     callback=stream)
+                     callback=stream, pad_to=pad_to)
     stream.finish(r.texts[0])
     turn += 1
     if template:
@@ -138,8 +150,10 @@ def _chat(gen: Generator, args, stop, cache_label: str):
 
 
 def run(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  sampling = _validate(args)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  given = cli.given_flags(parser, argv, args)
+  sampling = _validate(args, given)
   model, params, meta = cli.load_model(args)
   tok = data.load_tokenizer(cli.model_dir(args))
   context = model.config.max_position_embeddings
@@ -149,14 +163,14 @@ def run(argv=None) -> int:
   if prompts:  # fail before any long work
     plan_lengths(max(len(p) for p in prompts), args.max_new_tokens, context, args.max_len)
   saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
-  q = recipe.apply(args, model, params, meta, tok, progress=sys.stderr.isatty(), kv_calibration=saved_kv)
+  q = recipe.apply(args, given, model, params, meta, tok, progress=sys.stderr.isatty(), kv_calibration=saved_kv)
   method = q.method
   cache_label = q.kv.describe() if q.kv else "dense"
   gen = Generator(q.model, q.params, tok, sampling=sampling,
                   **({"cache_factory": q.kv.cache_factory} if q.kv else {}))
   stop = sorted(set(eos_token_ids(model.config, tok)) | set(args.stop_token))
   if args.chat:
-    _chat(gen, args, stop, cache_label)
+    _chat(gen, args, stop, cache_label, pad_prompts=q.kv is None)
     return 0
   stream = _Streamer(tok, prompts[0], stop) if len(prompts) == 1 else None
   r = gen.generate(prompts, args.max_new_tokens, max_len=args.max_len, stop_tokens=stop, seed=args.seed,

@@ -98,15 +98,24 @@ def eos_token_ids(config, tokenizer=None) -> tuple[int, ...]:
   return tuple(sorted({int(i) for i in ids if i is not None}))
 
 
-def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """``(input_ids [b, t] int32, attention_mask [b, t] int32)``, each prompt right-aligned (padding id 0)."""
-  t = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """``(input_ids [b, t] int32, attention_mask [b, t] int32)``, each prompt right-aligned (padding id 0);
+  ``t`` is the longest prompt's length, or ``length`` when that is longer."""
+  t = max([len(p) for p in prompts] + [length or 0])
   ids = np.zeros((len(prompts), t), np.int32)
   mask = np.zeros((len(prompts), t), np.int32)
   for i, p in enumerate(prompts):
     ids[i, t - len(p):] = p
     mask[i, t - len(p):] = 1
   return ids, mask
+
+
+def bucket(n: int, cap: int, minimum: int = 64) -> int:
+  """The smallest power of two ``>= max(n, minimum)``, capped at ``cap`` (``n`` itself when ``n > cap``): cache
+  and prompt sizes drawn from a few buckets, so that a growing conversation compiles once per bucket."""
+  if n > cap:
+    return n
+  return min(cap, 1 << (max(n, minimum) - 1).bit_length())
 
 
 def plan_lengths(prompt_len: int, max_new_tokens: int, context: int, max_len: int | None = None) -> tuple[int, int]:
@@ -262,17 +271,21 @@ class Generator:
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, *, max_len: int | None = None,
                stop_tokens: Sequence[int] | None = None, seed: int = 0,
-               callback: Callback | None = None) -> GenerationResult:
+               callback: Callback | None = None, pad_to: int | None = None) -> GenerationResult:
     """Continues every prompt (a string or token ids) by up to ``max_new_tokens`` tokens, in one batch.
 
     ``max_len``: cache slots (default: longest prompt + ``max_new_tokens``, capped at the model context).
     ``stop_tokens``: ids that end a row (default :func:`eos_token_ids`; ``()``: never stop early). With
     ``callback`` the host loop decodes and calls it after every token; without, one compiled while loop does.
+    ``pad_to``: left-pad the prompts to at least this many tokens (padding takes cache slots, changes no
+    result, and lets prompts of different lengths share one compiled prefill).
     """
     ids = [self.encode(p) for p in prompts]
-    max_len, n_new = plan_lengths(max(len(p) for p in ids), max_new_tokens,
-                                  self.model.config.max_position_embeddings, max_len)
-    input_ids, mask = left_pad(ids)
+    if not all(ids):
+      raise InputError("empty prompt: nothing to condition on")
+    width = max([len(p) for p in ids] + [pad_to or 0])
+    max_len, n_new = plan_lengths(width, max_new_tokens, self.model.config.max_position_embeddings, max_len)
+    input_ids, mask = left_pad(ids, width)
     cache = self.cache_factory(self.model.config, len(ids), max_len, self.cache_dtype)
     bytes_per_token = cache_bytes_per_token(cache)
     key = jax.random.key(seed)

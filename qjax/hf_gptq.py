@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import re
 from pathlib import Path
 
@@ -130,19 +131,22 @@ def export_gptq(dest, params, *, source_dir, bits: int, group_size: int, sym: bo
   if dest == source_dir.resolve():
     raise InputError(f"GPTQ export destination {dest} is the source model folder")
   config = json.loads((source_dir / "config.json").read_text())
-  tensors, quantized, reasons = {}, [], {}
+  half = np.dtype(jnp.bfloat16) if (config.get("torch_dtype") or config.get("dtype")) == "bfloat16" \
+      else np.dtype(np.float16)
+  tensors, quantized, reasons, widths = {}, [], {}, set()
   for path, leaf in tree.flatten(params).items():
     name = path_to_hf(path)
     if not isinstance(leaf, QArray):
-      tensors[name] = np.asarray(leaf)
+      tensors[name] = _half(np.asarray(leaf), half)
       continue
+    widths.add(leaf.shape[1])
     module = name.removesuffix(".weight")
     why = unsupported_reason(path, leaf, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
     if why is None:
       tensors.update({f"{module}.{k}": v for k, v in gptq_tensors(leaf).items()})
       quantized.append(module)
     else:
-      tensors[name] = np.asarray(leaf.dequantize())
+      tensors[name] = _half(np.asarray(leaf.dequantize()), half)
       reasons[module] = why
   if not quantized:
     raise InputError(f"no weight can be written in the GPTQ format (bits={bits}, group_size={group_size}): "
@@ -156,7 +160,40 @@ def export_gptq(dest, params, *, source_dir, bits: int, group_size: int, sym: bo
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
     checkpoint.copy_tokenizer(source_dir, tmp)
-  return {"path": str(dest), "quantized": quantized, "excluded": excluded, "reasons": reasons}
+  nbytes = sum(a.nbytes for a in tensors.values())
+  fp16_bytes = 2 * sum(int(np.prod(v.shape)) for v in tree.flatten(params).values())
+  return {"path": str(dest), "quantized": quantized, "excluded": excluded, "reasons": reasons,
+          "dense_dtype": half.name, "bytes": nbytes, "fp16_bytes": fp16_bytes,
+          "fitting_group_sizes": fitting_group_sizes(widths)}
+
+
+def _half(a: np.ndarray, half: np.dtype) -> np.ndarray:
+  """Floating tensors in the checkpoint's half-precision type (the format's loaders compute in it)."""
+  return a.astype(half) if np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16 else a
+
+
+def fitting_group_sizes(widths) -> list[int]:
+  """Group sizes (multiples of 16) that divide every input width in ``widths``, so no linear is kept dense."""
+  g = math.gcd(*widths) if widths else 0
+  return [d for d in range(16, g + 1, 16) if g % d == 0]
+
+
+def summary_lines(export: dict) -> list[str]:
+  """The export's summary for a terminal: one line of counts and reasons, and a warning when the export is not
+  smaller than the fp16 model."""
+  from collections import Counter
+  n_q, n_d = len(export["quantized"]), len(export["excluded"])
+  line = f"HF GPTQ export: {export['path']}: {n_q} of {n_q + n_d} linears quantized"
+  if n_d:
+    why = "; ".join(f"{r}: {n}" for r, n in Counter(export["reasons"].values()).most_common())
+    fits = ", ".join(map(str, export["fitting_group_sizes"])) or "none"
+    line += (f", {n_d} kept dense in {export['dense_dtype']} ({why}); group sizes that fit every input width: "
+             f"{fits} (or -1, per channel)")
+  lines = [line]
+  if export["bytes"] >= export["fp16_bytes"]:
+    lines.append(f"warning: the export ({export['bytes'] / 2**20:,.1f} MiB) is not smaller than the fp16 model "
+                 f"({export['fp16_bytes'] / 2**20:,.1f} MiB)")
+  return lines
 
 
 def _gptq_config(path: Path) -> dict | None:
@@ -165,6 +202,11 @@ def _gptq_config(path: Path) -> dict | None:
     return None
   qc = json.loads(cfg.read_text()).get("quantization_config") or {}
   return qc if str(qc.get("quant_method", "")).lower() == "gptq" else None
+
+
+def quantization_config_of(path) -> dict | None:
+  """The GPTQ ``quantization_config`` of the HF folder ``path`` (None when it is not a GPTQ checkpoint)."""
+  return _gptq_config(Path(path))
 
 
 def is_gptq_checkpoint(path) -> bool:

@@ -26,7 +26,8 @@ KV_METHODS = ("none", "kivi", "kvquant")
 
 def add_args(p: argparse.ArgumentParser):
   g = p.add_argument_group("KV-cache quantization")
-  g.add_argument("--kv-method", default="none", choices=KV_METHODS, help="quantized KV cache (default none)")
+  g.add_argument("--kv-method", choices=KV_METHODS,
+                 help="quantized KV cache (default none; with --load: the one the checkpoint was saved with)")
   g.add_argument("--kv-bits", type=int, default=4, help="KV bits (KIVI 2..8, KVQuant 2..4; default 4)")
   g.add_argument("--kv-group-size", type=int, default=32,
                  help="KIVI: tokens per key group and channels per value group (must divide head_dim)")
@@ -41,10 +42,27 @@ def add_args(p: argparse.ArgumentParser):
   g.add_argument("--kv-fisher", action="store_true", help="KVQuant: Fisher-weighted k-means")
 
 
-def validate(args):
-  """Checks that need no model."""
-  if args.kv_method == "none":
+KIVI_FLAGS = ("kv_group_size", "kv_residual")
+KVQUANT_FLAGS = {"kv_outliers": "outlier_fraction", "kv_first_fp": "first_fp", "kv_calib_nsamples": "nsamples",
+                 "kv_uniform": "nuq", "kv_fisher": "fisher"}
+
+
+def scopes(args):
+  """``(flags, applies, needs)`` for :func:`qjax.cli.check_scopes`."""
+  m = args.kv_method
+  return [(("kv_bits",), m in ("kivi", "kvquant"), "--kv-method kivi or kvquant"),
+          (KIVI_FLAGS, m == "kivi", "--kv-method kivi"),
+          (tuple(KVQUANT_FLAGS), m == "kvquant", "--kv-method kvquant")]
+
+
+def validate(args, head_dim: int | None = None):
+  """Checks that need no weights (``head_dim`` from the model's config): KIVI's group size against
+  ``head_dim`` first, then the configs' own checks."""
+  if args.kv_method in (None, "none"):
     return
+  if args.kv_method == "kivi" and head_dim is not None and head_dim % args.kv_group_size:
+    raise InputError(f"KIVI --kv-group-size {args.kv_group_size} must divide head_dim {head_dim} (value groups "
+                     f"are channels of one head)")
   config(args.kv_method, args.kv_bits, args)  # the configs validate their fields
 
 
@@ -58,6 +76,47 @@ def config(method: str, bits: int, args):
     return kvquant.KVQuantConfig(bits=bits, outlier_fraction=args.kv_outliers, first_fp=args.kv_first_fp,
                                  nsamples=args.kv_calib_nsamples, nuq=not args.kv_uniform, fisher=args.kv_fisher)
   raise InputError(f"unknown KV method {method!r} (known: {', '.join(KV_METHODS)})")
+
+
+def _flag_values(given, fields: dict[str, str], args) -> dict:
+  """``{config field: value}`` of the KV flags the user set (``--kv-uniform`` is ``nuq = False``)."""
+  out = {field: getattr(args, dest) for dest, field in fields.items() if dest in given}
+  if "nuq" in out:
+    out["nuq"] = not out["nuq"]
+  return out
+
+
+def resolve_saved(args, given, saved: dict | None, kv_calibration: dict | None):
+  """With ``--load``: the KV setup to build, ``(method, config or None, calibration dict or None)``.
+
+  No ``--kv-method``: what the checkpoint was saved with (``saved``: its ``method["kv_cache"]``), or dense.
+  ``--kv-method kivi``: the flags over the saved KIVI settings. ``--kv-method kvquant``: the saved calibration
+  (flags that contradict it are refused: a new calibration needs the float model); without one, refused."""
+  method = args.kv_method
+  saved_name = (saved or {}).get("name", "")
+  saved_method = saved_name.split("-")[0] if saved_name else "none"
+  if method is None:
+    method = saved_method
+    if method == "none":
+      return "none", None, None
+  if method == "none":
+    return "none", None, None
+  if method == "kivi":
+    base = kivi.KIVIConfig(**saved["config"]) if saved_method == "kivi" else config("kivi", args.kv_bits, args)
+    flags = _flag_values(given, {"kv_bits": "bits", "kv_group_size": "group_size", "kv_residual": "residual"}, args)
+    return "kivi", dataclasses.replace(base, **flags), None
+  if kv_calibration is None:
+    raise InputError("KVQuant calibrates on the float model and this checkpoint holds no KVQuant calibration: run "
+                     "--kv-method kvquant with --model (then --save keeps the calibration with the checkpoint)")
+  saved_cfg = kvquant.KVQuantCalibration.from_dict(kv_calibration).config
+  wanted = dataclasses.replace(saved_cfg, **_flag_values(given, {"kv_bits": "bits", **KVQUANT_FLAGS}, args))
+  if wanted != saved_cfg:
+    diff = ", ".join(f"{f} {getattr(saved_cfg, f)} -> {getattr(wanted, f)}" for f in
+                     (f.name for f in dataclasses.fields(saved_cfg)) if getattr(saved_cfg, f) != getattr(wanted, f))
+    raise InputError(f"this checkpoint's KVQuant calibration is kvquant-{saved_cfg.bits} and the flags ask for "
+                     f"{diff}: a new calibration needs the float model (use --model), or drop those flags to reuse "
+                     f"the saved one")
+  return "kvquant", saved_cfg, kv_calibration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,17 +139,17 @@ def config_dict(kv: KVSetup | None) -> dict | None:
   return {"name": kv.name, "config": dataclasses.asdict(kv.config), "effective_bits": kv.effective_bits}
 
 
-def setup(method: str, bits: int, args, model: CausalLM, params, tokenizer, progress: bool = True,
+def setup(method: str, cfg, args, model: CausalLM, params, tokenizer, progress: bool = True,
           calibration: dict | None = None) -> KVSetup | None:
-  """The :class:`KVSetup` of ``method`` (None for ``none``); KVQuant is calibrated on ``params`` (the float model)
-  with the calibration text flags unless a saved ``calibration`` (``KVQuantCalibration.to_dict()``) is given."""
-  if method == "none":
+  """The :class:`KVSetup` of ``method`` with config ``cfg`` (None for ``none``); KVQuant is calibrated on
+  ``params`` (the float model) with the calibration text flags unless a saved ``calibration``
+  (``KVQuantCalibration.to_dict()``) is given."""
+  if method in (None, "none"):
     return None
-  cfg = config(method, bits, args)
   c = model.config
   if method == "kivi":
     cfg.check_head_dim(c.head_dim)
-    return KVSetup(f"kivi-{bits}", cfg, kivi.cache_factory(cfg), kivi.past_hook(cfg),
+    return KVSetup(f"kivi-{cfg.bits}", cfg, kivi.cache_factory(cfg), kivi.past_hook(cfg),
                    kivi.effective_bits(cfg, c.head_dim))
   if calibration is not None:
     calibration = kvquant.KVQuantCalibration.from_dict(calibration)

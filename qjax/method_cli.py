@@ -36,8 +36,11 @@ def add_args(p: argparse.ArgumentParser):
   c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
   c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 2048 capped at the model context)")
   c.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean(diag H)")
-  c.add_argument("--act-order", action="store_true", help="quantize columns by descending diag(H)")
-  c.add_argument("--static-groups", action="store_true", help="fit all groups up front (contiguous with act-order)")
+  c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                 help="quantize columns by descending diag(H) (default: on for gptq, off for spqr)")
+  c.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                 help="gptq: fit all groups up front, contiguous with act-order (default: on with act-order and "
+                      "groups)")
   c.add_argument("--true-sequential", action="store_true", help="quantize sub-groups in order, re-collecting inputs")
   c.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block (default 128)")
   s = p.add_argument_group("SpQR")
@@ -61,8 +64,42 @@ def add_args(p: argparse.ArgumentParser):
   i.add_argument("--int8-threshold", type=float, default=6.0, help="outlier feature threshold (default 6.0)")
 
 
+def resolve_defaults(args):
+  """Fills the defaults that depend on the method: GPTQ runs with act-order and (with groups) static groups
+  unless ``--no-act-order`` / ``--no-static-groups``; SpQR without act-order unless ``--act-order``."""
+  if args.act_order is None:
+    args.act_order = args.method == "gptq"
+  if args.static_groups is None:
+    args.static_groups = args.method == "gptq" and args.act_order and args.groupsize > 0
+
+
+def scopes(args):
+  """``(flags, applies, needs)`` for :func:`qjax.cli.check_scopes`: which weight flags each method reads."""
+  m = args.method
+  calibrated = needs_calibration(args)
+  kvquant = getattr(args, "kv_method", None) == "kvquant"
+  return [
+      (("wbits", "groupsize"), m in ("rtn", "gptq", "spqr", "awq", "zeroquant"),
+       "a weight method that uses them (--method rtn, gptq, spqr, awq or zeroquant)"),
+      (("sym",), m in ("rtn", "gptq", "spqr", "awq"), "--method rtn, gptq, spqr or awq"),
+      (("calib_text", "calib_dataset"), calibrated or kvquant,
+       "a step that calibrates (--method gptq, spqr or awq, --zq-lkd, --smoothquant or --kv-method kvquant)"),
+      (("nsamples", "calib_seqlen"), calibrated, "a step that calibrates (--method gptq, spqr or awq, --zq-lkd or "
+                                                  "--smoothquant; KVQuant: --kv-calib-nsamples)"),
+      (("percdamp", "block_size", "true_sequential", "act_order"), m in ("gptq", "spqr"), "--method gptq or spqr"),
+      (("static_groups",), m == "gptq", "--method gptq"),
+      (("qq_scale_bits", "qq_zero_bits", "qq_groupsize", "outlier_threshold", "simplified_outliers"), m == "spqr",
+       "--method spqr"),
+      (("awq_grid", "no_awq_clip"), m == "awq", "--method awq"),
+      (("zq_attn_bits", "zq_lkd"), m == "zeroquant", "--method zeroquant"),
+      (("lkd_steps", "lkd_lr", "lkd_batch", "lkd_layers"), m == "zeroquant" and args.zq_lkd,
+       "--method zeroquant --zq-lkd"),
+      (("int8_threshold",), m == "llm_int8", "--method llm_int8"),
+  ]
+
+
 def validate(args):
-  """Checks that need no model (run before any loading)."""
+  """Checks that need no model (run before any loading); :func:`resolve_defaults` has run."""
   if not 2 <= args.wbits <= 8:
     raise InputError(f"--wbits must be between 2 and 8, got {args.wbits}")
   if args.groupsize == 0 or args.groupsize < -1:
@@ -160,6 +197,14 @@ def validate_for_model(args, model, params, cfg):
     scaling.check_foldable(model.config)
   if args.method == "zeroquant":
     cfg.distilled(model.config.num_layers)
+  if cfg is not None and getattr(cfg, "group_size", -1) > 0:
+    flat = tree.flatten(params)
+    widths = {flat[p].shape[1] for p in tree.matching(params, cfg.targets)}
+    narrow = sorted(w for w in widths if w < cfg.group_size)
+    if narrow:
+      raise InputError(f"--groupsize {cfg.group_size} is wider than the input width {narrow[0]} of some linears "
+                       f"(input widths: {', '.join(map(str, sorted(widths)))}): such a group would span the whole "
+                       f"row, i.e. per channel; use --groupsize -1 (per channel) or at most {narrow[0]}")
   if args.method == "spqr":  # the library handles a partial last row group; the CLI keeps the reference's rule
     flat = tree.flatten(params)
     for p in tree.matching(params, cfg.targets):
@@ -174,6 +219,11 @@ def calibration_data(args, model, tokenizer, seed: int) -> calibration.Calibrati
     raise InputError(f"--calib-seqlen {seqlen} exceeds the model context ({model.config.max_position_embeddings})")
   path = args.calib_text or assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)
   tokens = data.tokenize(tokenizer, data.read_text(path))
+  if len(tokens) < seqlen + 1:
+    default = min(2048, model.config.max_position_embeddings)
+    raise InputError(f"calibration text {path} has {len(tokens)} tokens, fewer than one window of --calib-seqlen "
+                     f"{seqlen} (+1) (default {default}, the model context capped at 2048): give a longer "
+                     f"--calib-text or a smaller --calib-seqlen")
   calibration.check_memory_budget(model, args.nsamples, seqlen)
   return calibration.Calibration(model, data.calibration_windows(tokens, args.nsamples, seqlen, seed))
 

@@ -8,9 +8,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from qjax.errors import InputError
+from qjax.progress import bar as progress_bar
 
 PROTOCOL = ("token-level perplexity (GPTQ protocol): the whole text is tokenized once with the model's tokenizer "
             "(special tokens as it adds them by default, i.e. one BOS at the start for LLaMA/OPT), cut into "
@@ -76,7 +76,7 @@ def perplexity(model, params, tokens: np.ndarray, seqlen: int, nsamples: int | N
   step = window_nll.lower(model, params, jnp.asarray(padded[0]), default_micro_batch()).compile()
   out = []
   start = time.perf_counter()
-  for batch in tqdm(padded, desc=desc, disable=not progress, leave=False):
+  for batch in progress_bar(padded, desc=desc, enabled=progress):
     out.append(step(params, jnp.asarray(batch)))
   nll = np.concatenate([np.asarray(o) for o in out])[: len(w)]
   elapsed = time.perf_counter() - start

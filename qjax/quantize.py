@@ -21,8 +21,9 @@ def build_parser() -> cli.Parser:
   cli.add_model_args(p)
   recipe.add_args(p)
   p.add_argument("--eval", default="ppl", choices=("ppl", "none"), help="evaluation to run")
-  p.add_argument("--ppl-datasets", default="tinystories",
-                 help=f"comma-separated named texts ({', '.join(assets.PPL_DATASETS)}) or 'none'")
+  p.add_argument("--ppl-datasets",
+                 help=f"comma-separated named texts ({', '.join(assets.PPL_DATASETS)}) or 'none' (default "
+                      f"tinystories unless --ppl-text is given)")
   p.add_argument("--ppl-text", action="append", default=[], metavar="FILE", help="a text file to score (repeatable)")
   p.add_argument("--seqlen", type=int, help="perplexity window (default 2048 capped at the model context)")
   p.add_argument("--eval-nsamples", type=int, help="score only the first N windows")
@@ -39,7 +40,8 @@ def build_parser() -> cli.Parser:
 
 def _texts(args) -> dict[str, Path]:
   out = {}
-  names = [] if args.ppl_datasets in ("", "none") else args.ppl_datasets.split(",")
+  datasets = args.ppl_datasets if args.ppl_datasets is not None else "none" if args.ppl_text else "tinystories"
+  names = [] if datasets in ("", "none") else datasets.split(",")
   for name in names:
     out[name] = assets.named_text(name.strip(), assets.PPL_DATASETS)
   for f in args.ppl_text:
@@ -51,8 +53,11 @@ def _texts(args) -> dict[str, Path]:
   return out
 
 
-def _validate(args):
-  recipe.validate(args)
+def _validate(args, given):
+  model_config = cli.model_config(args)
+  recipe.validate(args, given, model_config)
+  cli.check_scopes(given, [(("ppl_datasets", "ppl_text", "seqlen", "eval_nsamples", "batch_size", "baseline"),
+                            args.eval == "ppl", "--eval ppl")])
   if args.seqlen is not None and args.seqlen < 2:
     raise InputError(f"--seqlen must be at least 2, got {args.seqlen}")
   if args.eval_nsamples is not None and args.eval_nsamples < 1:
@@ -61,21 +66,24 @@ def _validate(args):
     raise InputError(f"--batch-size must be positive, got {args.batch_size}")
   if args.baseline and args.load:
     raise InputError("--baseline needs the unquantized model: use --model, not --load")
+  if not args.load and args.method != "none" and hf_gptq.is_gptq_checkpoint(cli.model_dir(args)):
+    raise InputError(f"{cli.model_dir(args)} is an HF GPTQ checkpoint (already quantized): evaluate it with "
+                     f"--method none, or quantize its float source model")
   if args.save:
-    checkpoint.check_destination(args.save, args.overwrite)
+    checkpoint.check_destination(args.save, args.overwrite, "--save folder")
   if args.export_gptq:
     if args.method not in ("rtn", "gptq", "awq"):
       raise InputError("--export-gptq needs --method rtn, gptq or awq")
-    checkpoint.check_destination(args.export_gptq, args.overwrite)
-  if args.json and Path(args.json).exists() and not args.overwrite:
-    raise InputError(f"--json file {args.json} already exists (pass --overwrite to replace it)")
-  if args.json and not Path(args.json).resolve().parent.is_dir():
-    raise InputError(f"parent folder of --json file {args.json} does not exist")
+    checkpoint.check_destination(args.export_gptq, args.overwrite, "--export-gptq folder")
+  if args.json:
+    checkpoint.check_destination(args.json, args.overwrite, "--json file")
 
 
 def run(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  _validate(args)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  given = cli.given_flags(parser, argv, args)
+  _validate(args, given)
   texts = _texts(args) if args.eval == "ppl" else {}
   model, params, meta = cli.load_model(args)
   seqlen = args.seqlen or min(2048, model.config.max_position_embeddings)
@@ -86,10 +94,11 @@ def run(argv=None) -> int:
   for name, path in texts.items():
     tokens[name] = data.tokenize(tok, data.read_text(path))
     if len(tokens[name]) < seqlen:  # fail before any long work
-      raise InputError(f"text {name!r} has {len(tokens[name])} tokens, fewer than one window of seqlen {seqlen}")
+      raise InputError(f"text {name!r} ({path}) has {len(tokens[name])} tokens, fewer than one window of seqlen "
+                       f"{seqlen}")
   source_dir = cli.model_dir(args)
   saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
-  q = recipe.apply(args, model, params, meta, tok, not args.no_progress, saved_kv)
+  q = recipe.apply(args, given, model, params, meta, tok, not args.no_progress, saved_kv)
   qparams, act, cfg, method = q.params, q.act, q.config, q.method
 
   def evaluate(m, p, tag):
@@ -105,17 +114,18 @@ def run(argv=None) -> int:
   exported = _export_gptq(args, cfg, qparams, source_dir) if args.export_gptq else None
   rep = size.size_report(qparams)
   paths = act_cli.matmul_paths(model, qparams, act)
-  tps = [r.tokens_per_second for r in results.values()]
+  tps = {n: r.tokens_per_second for n, r in results.items()}
   out = {
       "ppl": {n: r.ppl for n, r in results.items()},
       "size": {"bits_per_weight": rep.bits_per_weight, "quantized_bytes": rep.quantized_bytes,
                "fp16_bytes": rep.fp16_bytes, "compression_ratio": rep.compression,
                "quantized_weights": rep.quantized_weights, "total_weights": rep.total_weights},
-      "timing": {"quantize_seconds": q.seconds,
-                 "eval_tokens_per_second": sum(tps) / len(tps) if tps else None},
+      "timing": {"quantize_seconds": None if q.loaded else q.seconds,
+                 "eval_tokens_per_second": sum(tps.values()) / len(tps) if tps else None,
+                 "eval_tokens_per_second_by_dataset": tps},
       "config": {**{k: v for k, v in vars(args).items() if k != "no_progress"}, "seqlen": seqlen,
                  "model_dir": str(source_dir), "method": method, "matmul_path": ", ".join(paths),
-                 "activations": act_cli.describe(act)},
+                 "activations": act_cli.describe(act, method["name"]), "loaded": q.loaded},
       "protocol": perplexity.PROTOCOL,
   }
   if args.baseline:
@@ -124,7 +134,7 @@ def run(argv=None) -> int:
     from qjax.methods import spqr
     out["size"]["spqr"] = dataclasses.asdict(spqr.bits_summary(qparams))
   if exported is not None:
-    out["export_gptq"] = {k: exported[k] for k in ("path", "quantized", "excluded", "reasons")}
+    out["export_gptq"] = exported
   if q.kv is not None:
     out["kv_cache"] = {**kv_cli.config_dict(q.kv), "describe": q.kv.describe(),
                        "semantics": "quantized past: each position attends to what the quantized cache holds when "
@@ -183,11 +193,7 @@ def _print_summary(out, results, baseline, method, linears):
     print()
   s, t = out["size"], out["timing"]
   if "export_gptq" in out:
-    e = out["export_gptq"]
-    print(f"HF GPTQ export: {e['path']} ({len(e['quantized'])} linears quantized, {len(e['excluded'])} kept dense)")
-    for m in e["excluded"]:
-      print(f"  kept dense: {m}: {e['reasons'][m]}")
-    print()
+    print("\n".join(hf_gptq.summary_lines(out["export_gptq"])) + "\n")
   print(cli.format_table(["model", "value"], [
       ["method", method],
       ["activations", out["config"]["activations"]],
@@ -201,7 +207,8 @@ def _print_summary(out, results, baseline, method, linears):
       *([["SpQR average bits (paper formula)", f"{s['spqr']['average_bits']:.3f}"],
          ["SpQR outliers", f"{s['spqr']['outliers']:,}"]] if "spqr" in s else []),
       ["compression vs fp16", f"{s['compression_ratio']:.2f}x"],
-      ["quantize time", f"{t['quantize_seconds']:.2f} s"],
+      ["quantize time", f"- (loaded {out['config']['loaded']}, quantized before this run)"
+       if out["config"]["loaded"] else f"{t['quantize_seconds']:.2f} s"],
   ]))
 
 

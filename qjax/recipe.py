@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from qjax import act_cli, kv_cli, method_cli
+from qjax import act_cli, cli, kv_cli, method_cli
 from qjax.act_quant import ActQuantConfig
 from qjax.methods import smoothquant
 from qjax.models import CausalLM
@@ -27,11 +27,15 @@ def add_args(p: argparse.ArgumentParser):
   kv_cli.add_args(p)
 
 
-def validate(args):
-  """Checks that need no model."""
+def validate(args, given: frozenset[str], model_config=None):
+  """Checks that need no weights (``model_config``: the architecture, read from ``config.json`` when the source
+  has one): every flag's value, and that no flag the user set would be ignored (``given``: the flags set, from
+  :func:`qjax.cli.given_flags`)."""
+  method_cli.resolve_defaults(args)
+  cli.check_scopes(given, [*method_cli.scopes(args), *act_cli.scopes(args), *kv_cli.scopes(args)])
   method_cli.validate(args)
   act_cli.validate(args)
-  kv_cli.validate(args)
+  kv_cli.validate(args, model_config.head_dim if model_config is not None else None)
 
 
 @dataclasses.dataclass
@@ -48,6 +52,7 @@ class Quantized:
   smooth_report: object            # SmoothQuant's CalibrationReport or None
   seconds: float                   # time of the transforms (calibration data excluded)
   kv: kv_cli.KVSetup | None = None  # the quantized KV cache (None: dense)
+  loaded: str | None = None         # "qjax checkpoint" / "HF GPTQ checkpoint": quantized before this run
 
   @property
   def quantized(self) -> bool:
@@ -55,7 +60,7 @@ class Quantized:
             or self.kv is not None)
 
 
-def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress: bool,
+def apply(args, given: frozenset[str], model: CausalLM, params, meta: dict | None, tokenizer, progress: bool,
           kv_calibration=None) -> Quantized:
   """Runs the recipe the flags describe on ``(model, params)`` (``meta``: the checkpoint metadata with
   ``--load``, whose saved activation quantizer is reused unless ``--abits`` is given; ``kv_calibration``: a
@@ -75,14 +80,20 @@ def apply(args, model: CausalLM, params, meta: dict | None, tokenizer, progress:
   if args.int8_kernel:
     qparams = act_cli.to_int8(qparams)
   jax.block_until_ready(qparams)
-  seconds = time.perf_counter() - t0
-  kv = kv_cli.setup(args.kv_method, args.kv_bits, args, model, params, tokenizer, progress, kv_calibration)
+  if meta is not None and meta.get("loaded") == "qjax checkpoint":
+    kv_method, kv_cfg, kv_calibration = kv_cli.resolve_saved(args, given, meta["method"].get("kv_cache"),
+                                                             kv_calibration)
+  else:
+    kv_method = args.kv_method or "none"
+    kv_cfg = None if kv_method == "none" else kv_cli.config(kv_method, args.kv_bits, args)
+  kv = kv_cli.setup(kv_method, kv_cfg, args, model, params, tokenizer, progress, kv_calibration)
+  seconds = time.perf_counter() - t0  # KVQuant's calibration counts as quantization time
   method = ({"name": args.method, "config": method_cli.config_dict(cfg), **act_cli.config_dict(act, args)}
             if meta is None else {**meta["method"], "activation": dataclasses.asdict(act)})
   method["kv_cache"] = kv_cli.config_dict(kv)
   hooks = act.hooks() if kv is None else dataclasses.replace(act.hooks(), kv_past=kv.past_hook)
   return Quantized(model.with_hooks(hooks), qparams, model, params, act, cfg, method, calib, report,
-                   smooth_report, seconds, kv)
+                   smooth_report, seconds, kv, meta.get("loaded") if meta else None)
 
 
 def label(q: Quantized, args) -> str:
@@ -92,4 +103,5 @@ def label(q: Quantized, args) -> str:
   bits = cfg.get("bits") or (f"{cfg['bits_mlp']}/{cfg['bits_attn']}" if "bits_mlp" in cfg else None)
   wa = (f"W{bits}" if bits else "") + (f"A{q.act.bits}" if q.act.enabled else "")
   label = f"{name} {wa}" if wa else name
-  return label if q.kv is None else f"{label} + {q.kv.name} KV"
+  label = label if q.kv is None else f"{label} + {q.kv.name} KV"
+  return f"{label} (loaded)" if q.loaded else label

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,38 @@ def _hashes(folder: Path) -> dict[str, str]:
           for p in sorted(folder.rglob("*"))}
 
 
+_SMALL_CHECKPOINT = {}
+
+
+def _damaged_checkpoint(case: str, dest: Path):
+  """A qjax checkpoint of stories260K with RTN W4 (written once in-process, then copied) damaged as ``case``
+  says: arrays missing under params/, qjax.json not JSON, a quantized type naming a foreign module or an unknown
+  type."""
+  from qjax import checkpoint, models
+  from qjax.methods import rtn
+  if "src" not in _SMALL_CHECKPOINT:
+    src = dest.parent.parent / "small-checkpoint"
+    model, params = models.load(STORIES)
+    checkpoint.save(src, rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False),
+                    source_dir=STORIES, dtype="float32", method={"name": "rtn", "config": {}})
+    _SMALL_CHECKPOINT["src"] = src
+  shutil.copytree(_SMALL_CHECKPOINT["src"], dest)
+  meta = json.loads((dest / "qjax.json").read_text())
+  first = sorted(meta["qarrays"])[0]
+  if case == "checkpoint_arrays_missing":
+    victims = [p for p in (dest / "params").rglob("*") if p.is_file() and p.stat().st_size > 1000]
+    for p in victims:
+      p.unlink()
+  elif case == "checkpoint_json_invalid":
+    (dest / "qjax.json").write_text('{"format": "qjax-checkpoint-v1", "dtype": ')
+  elif case == "checkpoint_foreign_module":
+    meta["qarrays"][first]["module"] = "os.path"
+    (dest / "qjax.json").write_text(json.dumps(meta))
+  elif case == "checkpoint_unknown_type":
+    meta["qarrays"][first]["type"] = "MyArray"
+    (dest / "qjax.json").write_text(json.dumps(meta))
+
+
 def _with_bad_value(src: Path, dst: Path, value: float) -> str:
   """Copies the checkpoint ``src`` to ``dst`` and puts one ``value`` into a decoder weight of its
   ``model.safetensors``; returns that tensor's name."""
@@ -94,7 +127,6 @@ BAD = {
     "ppl_text_missing": (["--ppl-text", "{t}/no-such.txt"], ["no-such.txt", "does not exist"]),
     "unknown_dataset": (["--ppl-datasets", "tinystories,no_such_set"], ["no_such_set", "tinystories"]),
     "load_not_a_checkpoint": (["--load", str(STORIES)], ["not a qjax checkpoint"]),
-    "json_parent_missing": (["--json", "{t}/no-dir/out.json"], ["no-dir", "does not exist"]),
     "batch_size_negative": (["--batch-size", "-1"], ["--batch-size", "-1"]),
     "seqlen_beyond_context": (["--seqlen", "4096"], ["4096", "context", "512"]),
     "static_groups_without_groups": (["--method", "gptq", "--static-groups"], ["--static-groups", "groupsize"]),
@@ -106,10 +138,10 @@ BAD = {
     "int8_kernel_needs_a8": (["--method", "rtn", "--wbits", "8", "--int8-kernel"], ["--int8-kernel", "--abits 8"]),
     "int8_kernel_needs_w8": (["--method", "rtn", "--abits", "8", "--int8-kernel"], ["--int8-kernel", "--wbits 8"]),
     "llm_int8_with_abits": (["--method", "llm_int8", "--abits", "8"], ["LLM.int8", "--abits"]),
-    "smoothquant_alpha": (["--smoothquant", "--alpha", "1.5"], ["--alpha", "1.5"]),
+    "smoothquant_alpha": (["--method", "rtn", "--wbits", "8", "--smoothquant", "--alpha", "1.5"], ["--alpha", "1.5"]),
     "zeroquant_grouped_activations": (["--method", "zeroquant", "--abits", "8", "--act-groupsize", "16"],
                                       ["ZeroQuant", "--act-groupsize"]),
-    "lkd_layers_not_integers": (["--method", "zeroquant", "--lkd-layers", "0,x"], ["--lkd-layers", "0,x"]),
+    "lkd_layers_not_integers": (["--method", "zeroquant", "--zq-lkd", "--lkd-layers", "0,x"], ["--lkd-layers", "0,x"]),
     "lkd_layer_out_of_range": (["--method", "zeroquant", "--zq-lkd", "--lkd-layers", "7"], ["7", "5 layers"]),
     "kivi_group_not_dividing_head_dim": (["--kv-method", "kivi", "--kv-group-size", "16", "--kv-residual", "32"],
                                          ["16", "head_dim", "8"]),
@@ -118,10 +150,40 @@ BAD = {
     "kvquant_bits_5": (["--kv-method", "kvquant", "--kv-bits", "5"], ["KVQuant", "5"]),
     "plant_too_many_outliers": (["--plant-outliers", "100"], ["100", "outlier", "64"]),
     "calib_too_short": (["--method", "gptq", "--calib-text", "{t}/short.txt", "--calib-seqlen", "64"],
-                        ["calibration text", "64"]),
+                        ["calibration text", "--calib-seqlen", "64", "default"]),
+    # Damaged inputs (issue 9: items 2, 3).
+    "safetensors_truncated": (["--model", "{t}/truncated"], ["model.safetensors", "truncated"]),
+    "safetensors_bad_header": (["--model", "{t}/badheader"], ["model.safetensors", "damaged"]),
+    "checkpoint_arrays_missing": (["--load", "{t}/ckpt"], ["params/", "cannot be read"]),
+    "checkpoint_json_invalid": (["--load", "{t}/ckpt"], ["qjax.json", "damaged"]),
+    "checkpoint_foreign_module": (["--load", "{t}/ckpt"], ["os.path", "not one of qjax"]),
+    "checkpoint_unknown_type": (["--load", "{t}/ckpt"], ["MyArray", "unknown quantized tensor type"]),
+    # Outputs that cannot be written: refused up front, before loading (item 4).
+    "save_unwritable": (["--save", "/sys/qjax-test/ckpt"], ["--save", "/sys", "cannot be written"]),
+    "json_unwritable": (["--json", "/sys/qjax-test.json"], ["--json", "cannot be written"]),
+    "export_unwritable": (["--method", "rtn", "--export-gptq", "/sys/qjax-gptq"], ["--export-gptq", "cannot be written"]),
+    "save_below_a_file": (["--save", "{t}/file.txt/ckpt"], ["file.txt", "not a folder"]),
+    # Flags that would be accepted and do nothing (items 5-7).
+    "kv_bits_without_kv_method": (["--kv-bits", "2"], ["--kv-bits", "--kv-method"]),
+    "act_order_with_rtn": (["--method", "rtn", "--act-order"], ["--act-order", "gptq"]),
+    "static_groups_with_spqr": (["--method", "spqr", "--groupsize", "16", "--static-groups"],
+                                ["--static-groups", "--method gptq"]),
+    "nsamples_with_rtn": (["--method", "rtn", "--nsamples", "8"], ["--nsamples", "calibrates"]),
+    "groupsize_wider_than_rows": (["--method", "rtn", "--groupsize", "1024"], ["1024", "64", "per channel"]),
+    "wbits_without_method": (["--wbits", "3"], ["--wbits", "--method"]),
+    "alpha_without_smoothquant": (["--method", "rtn", "--alpha", "0.7"], ["--alpha", "--smoothquant"]),
+    "smoothquant_alone": (["--smoothquant"], ["--smoothquant", "only rescales", "--method", "--abits"]),
+    "kivi_flag_with_kvquant": (["--kv-method", "kvquant", "--kv-residual", "64"], ["--kv-residual", "kivi"]),
+    # Misleading messages (items 8, 15).
+    "kivi_group_not_dividing_head_dim_default_residual": (["--kv-method", "kivi", "--kv-group-size", "3"],
+                                                          ["3", "head_dim", "8"]),
+    "ppl_text_empty": (["--ppl-text", "{t}/empty.txt"], ["empty.txt", "is empty"]),
 }
 # Cases that need the random checkpoints (they are built while the other runs are already going).
-NEEDS_CHECKPOINTS = {"unsupported_model_type", "nan_weights", "inf_weights", "text_shorter_than_window"}
+NEEDS_CHECKPOINTS = {"unsupported_model_type", "nan_weights", "inf_weights", "text_shorter_than_window",
+                     "safetensors_truncated", "safetensors_bad_header"}
+DAMAGED_CHECKPOINTS = {"checkpoint_arrays_missing", "checkpoint_json_invalid", "checkpoint_foreign_module",
+                       "checkpoint_unknown_type"}
 # Test function -> the runs it reads (bad-input tests read their own case).
 NEEDS = {
     "test_rtn_w4g32_with_baseline_and_json": ["stories"],
@@ -188,6 +250,12 @@ def runs(request, tmp_path_factory):
     if case == "save_exists":
       (t / "existing").mkdir()
       (t / "existing" / "keep.txt").write_text("keep me")
+    if case == "save_below_a_file":
+      (t / "file.txt").write_text("a file, not a folder")
+    if case == "ppl_text_empty":
+      (t / "empty.txt").write_text("")
+    if case in DAMAGED_CHECKPOINTS and "bad:" + case in wanted:
+      _damaged_checkpoint(case, t / "ckpt")
     if case not in NEEDS_CHECKPOINTS:
       submit("bad:" + case, bad, case)
 
@@ -217,6 +285,12 @@ def runs(request, tmp_path_factory):
       t = root / f"bad-{case}"
       ctx[f"poisoned:{case}"] = _with_bad_value(ctx["llama"], t / case.split("_")[0], value)
     (root / "bad-text_shorter_than_window" / "short.txt").write_text(TEXT[:40])
+    for case, folder, damage in (("safetensors_truncated", "truncated", lambda b: b[: len(b) // 2]),
+                                 ("safetensors_bad_header", "badheader", lambda b: b[:8] + b"{not json" + b[17:])):
+      t = root / f"bad-{case}"
+      shutil.copytree(ctx["llama"], t / folder)
+      f = t / folder / "model.safetensors"
+      f.write_bytes(damage(f.read_bytes()))
     for case in sorted(NEEDS_CHECKPOINTS):
       submit("bad:" + case, bad, case)
 
@@ -228,13 +302,15 @@ def runs(request, tmp_path_factory):
     (ldir / "rtn.json").write_text("stale")
     ctx["llama_out"] = ldir
     submit("llama", _cli, env, "--model", ctx["llama"], "--method", "rtn", "--wbits", "4", "--groupsize", "32",
-           "--baseline", "--ppl-text", ctx["text"], "--ppl-datasets", "none", *FAST,
+           "--baseline", "--ppl-text", ctx["text"], *FAST,
            "--save", ldir / "ckpt", "--json", ldir / "rtn.json", "--overwrite")
     odir = root / "opt-out"
     odir.mkdir()
     ctx["opt_out"] = odir
+    # OPT: progress bars on (stderr is a pipe: one final line per bar), --json into folders that do not exist yet.
     submit("opt", _cli, env, "--model", ctx["opt"], "--method", "rtn", "--wbits", "3", "--groupsize", "-1", "--sym",
-           "--baseline", "--ppl-text", ctx["text"], "--ppl-datasets", "none", *FAST, "--json", odir / "rtn.json")
+           "--baseline", "--ppl-text", ctx["text"], *[a for a in FAST if a != "--no-progress"],
+           "--json", odir / "new" / "dir" / "rtn.json")
 
   yield futures, ctx
   pool.shutdown(wait=True, cancel_futures=True)
@@ -344,6 +420,8 @@ def test_random_llama_end_to_end_with_overwrite(runs):
   proc = _ok(futures["llama"].result())
   ldir = ctx["llama_out"]
   out = json.loads((ldir / "rtn.json").read_text())  # --overwrite replaced the stale file
+  assert list(out["ppl"]) == ["story.txt"]  # --ppl-text alone: the default named dataset is not added
+  assert set(out["timing"]["eval_tokens_per_second_by_dataset"]) == {"story.txt"}
   q, fp = out["ppl"]["story.txt"], out["ppl_baseline"]["story.txt"]
   assert fp == pytest.approx(_reference_ppl(ctx["llama"]), rel=1e-4)
   assert q != fp and 0.8 < q / fp < 1.25
@@ -361,7 +439,11 @@ def test_random_llama_end_to_end_with_overwrite(runs):
 def test_random_opt_end_to_end(runs):
   futures, ctx = runs
   proc = _ok(futures["opt"].result())
-  out = json.loads((ctx["opt_out"] / "rtn.json").read_text())
+  out = json.loads((ctx["opt_out"] / "new" / "dir" / "rtn.json").read_text())  # missing parents were created
+  # Progress on a redirected stderr: no carriage-return frames, one final line per bar.
+  assert "\r" not in proc.stderr
+  assert re.search(r"^ppl story.txt \(quantized\): 1/1 in [0-9.]+ s$", proc.stderr, re.M), proc.stderr
+  assert re.search(r"^ppl story.txt \(fp\): 1/1 in", proc.stderr, re.M) and "RTN W3: 12/12 in" in proc.stderr
   q, fp = out["ppl"]["story.txt"], out["ppl_baseline"]["story.txt"]
   assert fp == pytest.approx(_reference_ppl(ctx["opt"]), rel=1e-4)
   assert q != fp and 0.8 < q / fp < 1.25

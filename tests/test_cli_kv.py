@@ -25,8 +25,15 @@ def test_kv_quantized_ppl_save_load_and_generate(tmp_path):
                       "--kv-method", "kivi", "--kv-bits", "4", "--kv-group-size", "8", "--kv-residual", "8")
     r1, r2, r4 = kivi.result(), kvq.result(), gen.result()
     assert r2.returncode == 0, r2.stderr
-    r3 = _run("qjax.quantize", "--load", tmp_path / "ck", *COMMON, "--kv-method", "kvquant",
-              "--json", tmp_path / "load.json")
+    r3 = pool.submit(_run, "qjax.quantize", "--load", tmp_path / "ck", *COMMON, "--kv-method", "kvquant",
+                     "--json", tmp_path / "load.json")
+    # --load without --kv-method reuses the saved cache; asking for other bits is refused; none is dense.
+    reuse = pool.submit(_run, "qjax.quantize", "--load", tmp_path / "ck", *COMMON, "--json", tmp_path / "reuse.json")
+    other = _run("qjax.quantize", "--load", tmp_path / "ck", *COMMON, "--kv-method", "kvquant", "--kv-bits", "4",
+                 "--json", tmp_path / "other.json")
+    dense = _run("qjax.quantize", "--load", tmp_path / "ck", *COMMON, "--kv-method", "none",
+                 "--json", tmp_path / "dense.json")
+    r3, reuse = r3.result(), reuse.result()
   assert r1.returncode == 0, r1.stderr
   out = json.loads((tmp_path / "kivi.json").read_text())
   kv = out["kv_cache"]
@@ -39,5 +46,15 @@ def test_kv_quantized_ppl_save_load_and_generate(tmp_path):
   assert r3.returncode == 0, r3.stderr
   loaded = json.loads((tmp_path / "load.json").read_text())
   assert loaded["ppl"] == saved["ppl"]       # the saved calibration is reused, not refitted
+  assert saved["timing"]["quantize_seconds"] > 0.05   # KVQuant's calibration counts as quantization time
+  assert reuse.returncode == 0, reuse.stderr
+  reused = json.loads((tmp_path / "reuse.json").read_text())
+  assert reused["kv_cache"]["name"] == "kvquant-3" and reused["ppl"] == saved["ppl"]
+  err = other.stderr.strip()
+  assert other.returncode == 2 and len(err.splitlines()) == 1 and "kvquant-3" in err and "bits 3 -> 4" in err, err
+  assert not (tmp_path / "other.json").exists()
+  assert dense.returncode == 0, dense.stderr
+  dense_out = json.loads((tmp_path / "dense.json").read_text())
+  assert "kv_cache" not in dense_out and dense_out["ppl"] != saved["ppl"]
   assert r4.returncode == 0, r4.stderr
   assert r4.stdout.strip() and "kivi-4" in r4.stderr and "bytes/token" in r4.stderr

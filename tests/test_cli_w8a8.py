@@ -47,6 +47,7 @@ def test_smoothquant_w8a8_int8_round_trip_and_llm_int8_zeroquant_awq(tmp_path):
   assert r3.returncode == 0, r3.stderr
   out3 = json.loads((tmp_path / "li8.json").read_text())
   assert out3["config"]["matmul_path"].startswith("LLM.int8")
+  assert out3["config"]["activations"].startswith("LLM.int8 decomposition") and "8-bit" in out3["config"]["activations"]
   assert 8.0 < out3["size"]["bits_per_weight"] < 8.6
   assert r4.returncode == 0, r4.stderr
   out4 = json.loads((tmp_path / "zq.json").read_text())

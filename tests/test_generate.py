@@ -44,7 +44,11 @@ BAD = {
     "top_p_0": (["--prompt", "Hi", "--top-p", "0"], ["top-p", "(0, 1]"]),
     "top_p_above_1": (["--prompt", "Hi", "--top-p", "1.5"], ["top-p", "1.5"]),
     "model_missing": (["--prompt", "Hi", "--model", "/no/such/model"], ["/no/such/model", "does not exist"]),
+    "stop_token_beyond_vocab": (["--prompt", "Hi", "--stop-token", "99999"], ["--stop-token", "99999", "511"]),
+    "json_unwritable": (["--prompt", "Hi", "--json", "/sys/qjax-generate.json"], ["--json", "cannot be written"]),
+    "kv_bits_without_kv_method": (["--prompt", "Hi", "--kv-bits", "2"], ["--kv-bits", "--kv-method"]),
 }
+CHAT_LINES = ["Once upon a time", "The little dog ran to the park and saw a big red ball", "Lily"]
 # Bad input detected after loading the model and tokenizer: in-process.
 BAD_LOADED = {
     "prompt_beyond_context": (["--prompt", "Once upon a time " * 200], ["prompt", "longer", "context", "512"]),
@@ -53,11 +57,11 @@ BAD_LOADED = {
 }
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
+def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   return subprocess.run([sys.executable, "-m", "qjax.generate", *map(str, args)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=600, input=stdin)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,6 +75,8 @@ def cli_runs(request, tmp_path_factory):
   if "test_cli_prints_the_completion" in selected:
     runs["ok"] = pool.submit(_cli, "--prompt", PROMPT, "--max-new-tokens", 8, "--method", "rtn", "--wbits", 4,
                              "--json", out / "out.json")
+  if "test_cli_chat_compiles_once_per_bucket" in selected:
+    runs["chat"] = pool.submit(_cli, "--chat", "--max-new-tokens", 8, stdin="\n".join(CHAT_LINES) + "\n")
   for k, (a, _) in BAD.items():
     if f"test_cli_bad_input[{k}]" in selected:
       runs[f"bad:{k}"] = pool.submit(_cli, *a)
@@ -251,6 +257,19 @@ def test_cli_chat_plain_prompt(monkeypatch, capsys, llama_dir, llama_greedy):
   out, err = capsys.readouterr()
   assert out == 2 * (llama_greedy.generate([PROMPT], 40, max_len=n).texts[0] + "\n")
   assert len(err.strip().splitlines()) == 2 and "tokens/s" in err
+
+
+def test_cli_chat_compiles_once_per_bucket(cli_runs, greedy):
+  """--chat sizes the cache and pads the prompt to power-of-two buckets (here 64 prompt slots, a 128-slot cache,
+  not the 512 of the context): turns of different lengths reuse the first turn's compiled functions, and the
+  padding changes no token."""
+  runs, _ = cli_runs
+  proc = runs["chat"].result()
+  assert proc.returncode == 0, proc.stderr
+  reports = [l for l in proc.stderr.splitlines() if "tokens/s" in l]
+  assert len(reports) == 3 and all("128 slots" in r for r in reports), reports
+  assert all(r.endswith("compile 0.0 s") for r in reports[1:]), reports
+  assert proc.stdout.splitlines() == [greedy.generate([line], 8).texts[0] for line in CHAT_LINES]
 
 
 @pytest.mark.parametrize("case", list(BAD_LOADED))

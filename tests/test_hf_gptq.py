@@ -50,6 +50,17 @@ def rtn_qarray(w, bits, group_size, sym, perm=None):
   return QArray.from_codes(qp.unpacked_codes(), qp.scale, qp.zero, perm=perm, dtype=w.dtype, **kw)
 
 
+def half(x):
+  """A dense leaf as the export writes it: rounded to float16 (then back to its own dtype, as the loader casts)."""
+  return jnp.asarray(x).astype(jnp.float16).astype(jnp.asarray(x).dtype)
+
+
+def half_dense(params):
+  """``params`` with every dense leaf rounded through float16 (QArrays kept)."""
+  flat = tree.flatten(params)
+  return tree.unflatten({p: v if isinstance(v, QArray) else half(v) for p, v in flat.items()})
+
+
 def assert_same(a, b):
   """Identical leaves (dtype and value); QArrays compared by their dequantized matrix and static fields."""
   if isinstance(a, QArray):
@@ -180,15 +191,15 @@ def test_llama_round_trip(tmp_path, llama_dir, case):
   assert hf_gptq.is_gptq_checkpoint(tmp_path / "gptq") and not hf_gptq.is_gptq_checkpoint(llama_dir)
 
   model2, back = models.load(tmp_path / "gptq")
+  excluded = {hf_to_path(f"{m}.weight") for m in summary["excluded"]}
+  # What the export holds: dense tensors (and the excluded linears, dequantized) in float16.
+  q = half_dense(tree.replace(q, sorted(excluded), lambda p, w: w.dequantize()))
   fq, fb = tree.flatten(q), tree.flatten(back)
   assert fq.keys() == fb.keys()
-  excluded = {hf_to_path(f"{m}.weight") for m in summary["excluded"]}
   for p in fq:
     if p in excluded:
       assert not isinstance(fb[p], QArray)
-      assert_same(fq[p].dequantize(), fb[p])
-    else:
-      assert_same(fq[p], fb[p])
+    assert_same(fq[p], fb[p])
   # eager: each weight is materialized by the same ops, so logits are bit-identical (under jit, XLA may fuse a
   # QArray's dequantization into the matmul differently than a dense weight's and differ in the last ulp)
   ids = np.arange(24, dtype=np.int32).reshape(2, 12) % model.config.vocab_size
@@ -208,14 +219,15 @@ def test_stories_round_trip_excludes_ffn(tmp_path, stories_dir):
   assert summary["reasons"]["model.layers.0.mlp.up_proj"] == "output width 172 * 4 bits is not a multiple of 32"
   tensors = read_safetensors(tmp_path / "gptq" / "model.safetensors")
   assert "lm_head.weight" not in tensors  # tied to the embeddings
-  assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == np.float32
+  assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == np.float16  # the checkpoint's half precision
   check_exclusion_rules(tmp_path / "gptq", summary)
 
   model2, back = models.load(tmp_path / "gptq")
   assert model2 == model
   # the in-memory model with its excluded QArrays replaced by their dequantized matrices: the same forward pass
   # (qmatmul dequantizes, then matmuls) and the same tree structure as ``back``, so one compiled program scores both
-  ref = tree.replace(q, [hf_to_path(f"{m}.weight") for m in summary["excluded"]], lambda p, w: w.dequantize())
+  ref = half_dense(tree.replace(q, [hf_to_path(f"{m}.weight") for m in summary["excluded"]],
+                               lambda p, w: w.dequantize()))
   fr, fb = tree.flatten(ref), tree.flatten(back)
   assert fr.keys() == fb.keys()
   for p in fr:
@@ -256,8 +268,8 @@ def test_folder_layout(tmp_path, opt_dir):
   assert set(dst) == (set(src) - {f"{m}.weight" for m in linears}) | {f"{m}.{k}" for m in linears for k in PARTS}
   for k, v in src.items():
     if k.removesuffix(".weight") not in linears:
-      assert dst[k].dtype == v.dtype and dst[k].shape == v.shape
-      np.testing.assert_array_equal(dst[k], v)
+      assert dst[k].dtype == np.float16 and dst[k].shape == v.shape  # dense tensors in half precision
+      np.testing.assert_array_equal(dst[k], v.astype(np.float16))
   for m in linears:
     out_f, in_f = src[f"{m}.weight"].shape
     assert {k: (dst[f"{m}.{k}"].dtype.name, dst[f"{m}.{k}"].shape) for k in PARTS} == {
@@ -268,7 +280,7 @@ def test_folder_layout(tmp_path, opt_dir):
     want = np.asarray(tree.flatten(q)[hf_to_path(f"{m}.weight")].dequantize()).T
     np.testing.assert_array_equal(ref_weight({k: dst[f"{m}.{k}"] for k in PARTS}, 4), want)
   _, back = models.load(out)
-  fq, fb = tree.flatten(q), tree.flatten(back)
+  fq, fb = tree.flatten(half_dense(q)), tree.flatten(back)
   assert fq.keys() == fb.keys()
   for p in fq:
     assert_same(fq[p], fb[p])

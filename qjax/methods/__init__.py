@@ -2,9 +2,8 @@
 transform (``quantize``)."""
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 from qjax import tree
+from qjax.progress import bar as progress_bar
 from qjax.qarray import is_quantized
 
 
@@ -13,7 +12,7 @@ def quantize_matching(params, targets, quantize_weight, *, desc: str, progress: 
   ``quantize_weight(w)`` (calibration-free methods)."""
   flat = tree.flatten(params)
   paths = [p for p in tree.matching(params, targets) if not is_quantized(flat[p])]
-  bar = tqdm(paths, desc=desc, disable=not progress, leave=False)
+  bar = progress_bar(total=len(paths), desc=desc, enabled=progress)
   out = tree.replace(params, paths, lambda p, w: (bar.update(), quantize_weight(w))[1])
   bar.close()
   return out

@@ -47,7 +47,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm.auto import tqdm
 
 from qjax import calibration as calibration_lib
 from qjax import tree, uniform
@@ -56,6 +55,7 @@ from qjax.errors import InputError
 from qjax.models import ActivationHooks, CausalLM
 from qjax.models.decoder import masks_and_positions
 from qjax.models.families import DECODER_LINEARS
+from qjax.progress import bar as progress_bar
 from qjax.qarray import QArray, is_quantized
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
@@ -167,7 +167,7 @@ def quantize(params, config: ZeroQuantConfig, model: CausalLM, progress: bool = 
     raise ValueError("LKD needs calibration data: use quantize_with_report")
   fam = model.family
   flat = tree.flatten(params)
-  for i in tqdm(range(model.config.num_layers), desc="ZeroQuant", disable=not progress, leave=False):
+  for i in progress_bar(range(model.config.num_layers), desc="ZeroQuant", enabled=progress):
     prefix = fam.layer_path(i)
     layer = tree.unflatten({p[len(prefix) + 1:]: v for p, v in flat.items() if p.startswith(prefix + "/")})
     for p, v in tree.flatten(_quantize_layer(layer, config.layer_bits(model, prefix), config)).items():

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from qjax import tree
 from qjax.errors import InputError
@@ -41,9 +41,13 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
   """``{hf_key: array}`` of every tensor in the folder's safetensors files (bfloat16 kept as ml_dtypes)."""
   out = {}
   for f in safetensors_files(path):
-    with safe_open(str(f), framework="flax") as fh:
-      for k in fh.keys():
-        out[k] = np.asarray(fh.get_tensor(k))
+    try:
+      with safe_open(str(f), framework="flax") as fh:
+        for k in fh.keys():
+          out[k] = np.asarray(fh.get_tensor(k))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise InputError(f"cannot read {f}: damaged or truncated safetensors file ({first})") from None
   return out
 
 
