@@ -21,7 +21,7 @@ def test_gptq_cli_round_trip(tmp_path):
                           "--nsamples", "4", "--calib-seqlen", "32", "--eval", "none", "--json", tmp_path / "n.json")
     r = _run("--method", "gptq", "--wbits", "3", "--groupsize", "32",
              "--nsamples", "16", "--calib-seqlen", "64", "--baseline", *common,
-             "--save", tmp_path / "ck", "--export-gptq", tmp_path / "hf", "--json", tmp_path / "q.json")
+             "--save", tmp_path / "ck", "--export-gptq", tmp_path / "exports" / "hf", "--json", tmp_path / "q.json")
     rn = natural.result()
   assert r.returncode == 0, r.stderr
   assert rn.returncode == 0, rn.stderr
@@ -49,16 +49,16 @@ def test_gptq_cli_round_trip(tmp_path):
   assert "20 of 35 linears quantized, 15 kept dense in float16" in line and "172" in line, line
   assert "group sizes that fit every input width" in line
   from safetensors import safe_open
-  with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="numpy") as fh:
+  with safe_open(str(tmp_path / "exports" / "hf" / "model.safetensors"), framework="numpy") as fh:
     dtypes = {k: fh.get_tensor(k).dtype.name for k in fh.keys()}
   assert dtypes["model.layers.0.mlp.down_proj.weight"] == "float16"        # kept dense, written in fp16
   assert dtypes["model.embed_tokens.weight"] == "float16" and dtypes["model.norm.weight"] == "float16"
   assert dtypes["model.layers.0.self_attn.q_proj.qweight"] == "int32"
-  modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+  modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "exports" / "hf").iterdir()}  # parent created
   assert len(set(modes.values())) == 1, modes
-  hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+  hf_cfg = json.loads((tmp_path / "exports" / "hf" / "config.json").read_text())["quantization_config"]
   assert hf_cfg["quant_method"] == "gptq" and hf_cfg["bits"] == 3 and hf_cfg["desc_act"] is True
-  r3 = _run("--model", tmp_path / "hf", *common, "--json", tmp_path / "hf.json")
+  r3 = _run("--model", tmp_path / "exports" / "hf", *common, "--json", tmp_path / "hf.json")
   assert r3.returncode == 0, r3.stderr
   hf_out = json.loads((tmp_path / "hf.json").read_text())
   reimported = hf_out["ppl"]["tinystories"]

@@ -33,6 +33,7 @@ def test_kv_quantized_ppl_save_load_and_generate(tmp_path):
                  "--json", tmp_path / "other.json")
     dense = _run("qjax.quantize", "--load", tmp_path / "ck", *COMMON, "--kv-method", "none",
                  "--json", tmp_path / "dense.json")
+    gen_load = _run("qjax.generate", "--load", tmp_path / "ck", "--prompt", "Once upon a time", "--max-new-tokens", "4")
     r3, reuse = r3.result(), reuse.result()
   assert r1.returncode == 0, r1.stderr
   out = json.loads((tmp_path / "kivi.json").read_text())
@@ -56,5 +57,6 @@ def test_kv_quantized_ppl_save_load_and_generate(tmp_path):
   assert dense.returncode == 0, dense.stderr
   dense_out = json.loads((tmp_path / "dense.json").read_text())
   assert "kv_cache" not in dense_out and dense_out["ppl"] != saved["ppl"]
+  assert gen_load.returncode == 0 and "KV cache kvquant-3" in gen_load.stderr, gen_load.stderr  # both CLIs reuse it
   assert r4.returncode == 0, r4.stderr
   assert r4.stdout.strip() and "kivi-4" in r4.stderr and "bytes/token" in r4.stderr

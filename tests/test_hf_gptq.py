@@ -286,6 +286,21 @@ def test_folder_layout(tmp_path, opt_dir):
     assert_same(fq[p], fb[p])
 
 
+def test_summary_lines_count_reasons_and_warn_when_not_smaller():
+  export = {"path": "out", "quantized": ["a"], "excluded": ["b", "c"], "dense_dtype": "float16",
+            "reasons": {"b": "input width 576 is not a multiple of the group size 128", "c": "input width 576 is not "
+                        "a multiple of the group size 128"}, "fitting_group_sizes": [32, 64], "bytes": 10,
+            "fp16_bytes": 12}
+  line, = hf_gptq.summary_lines(export)
+  assert line == ("HF GPTQ export: out: 1 of 3 linears quantized, 2 kept dense in float16 (input width 576 is not a "
+                  "multiple of the group size 128: 2); group sizes that fit every input width: 32, 64 (or -1, per "
+                  "channel)")
+  warn = hf_gptq.summary_lines({**export, "bytes": 12})[1]
+  assert warn.startswith("warning: the export") and "not smaller than the fp16 model" in warn
+  assert hf_gptq.fitting_group_sizes({576, 1536}) == [16, 32, 48, 64, 96, 192]
+  assert hf_gptq.fitting_group_sizes({64, 172}) == []
+
+
 # ------------------------------------------------------------------- (d) sources untouched, atomic, no clobbering
 
 def digest(folder):
