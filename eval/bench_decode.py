@@ -42,18 +42,24 @@ KV_METHODS = ("fp", "kivi-2", "kivi-4", "kvquant-2", "kvquant-3", "kvquant-4")
 
 
 def kv_setup(method: str, model, params, tok):
-  """``(cache factory, effective bits)`` of a ``--kv-methods`` entry."""
-  from qjax import kv_cli
+  """``(cache factory, effective bits)`` of a ``--kv-methods`` entry (KIVI: groups of min(32, head_dim), residual
+  4 groups; KVQuant: 4 calibration windows of the TinyStories calib text), built by ``qjax.api``."""
+  from qjax import api, assets, data
+  from qjax.methods import kivi, kvquant
   from qjax.models.kv_cache import KVCache
   if method == "fp":
     return KVCache.dense, 32.0
   name, _, bits = method.partition("-")
   g = min(32, model.config.head_dim)
-  flags = argparse.Namespace(kv_group_size=g, kv_residual=4 * g, kv_outliers=0.01, kv_first_fp=1,
-                             kv_calib_nsamples=4, kv_uniform=False, kv_fisher=False, calib_text=None,
-                             calib_dataset="tinystories", seed=0)
-  setup = kv_cli.setup(name, kv_cli.config(name, int(bits), flags), flags, model, params, tok, progress=False)
-  return setup.cache_factory, setup.effective_bits
+  windows = None
+  if name == "kivi":
+    cfg = kivi.KIVIConfig(bits=int(bits), group_size=g, residual=4 * g)
+  else:
+    cfg = kvquant.KVQuantConfig(bits=int(bits), nsamples=4)
+    tokens = data.tokenize(tok, data.read_text(assets.named_text("tinystories", assets.CALIB_DATASETS)))
+    windows = kvquant.calibration_for(model, tokens, cfg, seed=0)
+  kv = api.quantize_model(model, params, api.Recipe(kv=cfg), kv_calibration=windows).kv
+  return kv.cache_factory, kv.effective_bits
 
 
 def torch_decode(model, prompt, new_tokens: int) -> tuple[list[int], float, float]:

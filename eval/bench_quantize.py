@@ -14,7 +14,7 @@
 2. Whole model (skip with ``--skip-model``): stories260K and ``llama8x512`` (``bench_ppl.make_llama8x512``: 8
    layers, hidden 512, random weights), GPTQ W4 g128 (``--model-groups 128,-1`` adds per-channel; scales kept in
    float32 so both pipelines feed identical weights forward), 128 windows x 256 tokens of TinyStories
-   calibration text (``qjax.data.calibration_windows``, seed 0). qjax: ``gptq.quantize_with_report`` (total wall
+   calibration text (``qjax.data.calibration_windows``, seed 0). qjax: ``gptq.quantize`` (total wall
    time, the report's per-layer seconds and ``peak_host_bytes`` = process ``ru_maxrss``, so it includes what ran
    before). torch: the reference pipeline (``llama_sequential``) written below on the transformers model: capture
    the inputs of layer 0 (Catcher), then per layer run every window (batch 1) with forward hooks accumulating
@@ -205,7 +205,7 @@ def bench_model(name, path, windows, repeats, groups):
     def run_qjax():
       with PeakRSS() as m:
         t = time.perf_counter()
-        _, rep = qgptq.quantize_with_report(params, cfg, calib, progress=False)
+        _, rep = qgptq.quantize(params, cfg, calibration=calib, progress=False)
         r["qjax_rounds_s"].append(round(time.perf_counter() - t, 3))
       r["qjax_rss_peak_delta_bytes"] = max(r.get("qjax_rss_peak_delta_bytes", 0), m.delta)
       if len(r["qjax_rounds_s"]) == 1 or r["qjax_rounds_s"][-1] <= min(r["qjax_rounds_s"]):

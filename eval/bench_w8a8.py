@@ -64,7 +64,7 @@ def main(argv=None):
     tm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
   decoder_linears = {n for n, m in tm.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
   tq = torch.ao.quantization.quantize_dynamic(tm, decoder_linears, dtype=torch.qint8, inplace=False)
-  q = rtn.quantize(params, rtn.RTNConfig(bits=8, scale_dtype="float32"), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=8, scale_dtype="float32"), progress=False)[0]
   a8 = model.with_hooks(act_quant.ActQuantConfig(bits=8).hooks())
   qjax_runs = {"qjax_fp32": (model, params), "qjax_w8a8_fake": (a8, q), "qjax_w8a8_int8": (a8, act_cli.to_int8(q))}
   torch_runs = {"torch_fp32": tm, "torch_dynamic_int8": tq}

@@ -1,7 +1,7 @@
 """Whole-model GPTQ parity: qjax's layer-wise pipeline versus an independent torch one on the same model and the
 same calibration windows, compared by perplexity and by per-layer GPTQ losses (prints JSON).
 
-qjax: ``qjax.methods.gptq.quantize_with_report`` (float32 scales, so both sides dequantize to the same grid) then
+qjax: ``qjax.methods.gptq.quantize`` (float32 scales, so both sides dequantize to the same grid) then
 ``qjax.perplexity``. torch: ``eval/torch_gptq.gptq_model`` (the reference ``llama_sequential`` over the
 transformers model, the reference ``fasterquant`` per linear) then a torch perplexity over the same windows. The
 calibration windows and the evaluation tokens come from qjax's tokenization of the named texts, so both sides see
@@ -29,8 +29,8 @@ def qjax_run(model_dir, windows, eval_tokens, seqlen, nsamples, config):
   from qjax.methods import gptq
   model, params = models.load(model_dir)
   t0 = time.perf_counter()
-  qparams, report = gptq.quantize_with_report(params, gptq.GPTQConfig(**config, scale_dtype="float32"),
-                                              calibration.Calibration(model, windows), progress=False)
+  qparams, report = gptq.quantize(params, gptq.GPTQConfig(**config, scale_dtype="float32"),
+                                  calibration=calibration.Calibration(model, windows), progress=False)
   seconds = time.perf_counter() - t0
   ppl = perplexity.perplexity(model, qparams, eval_tokens, seqlen, nsamples, progress=False).ppl
   return {"ppl": ppl, "seconds": seconds, "layer_losses": [sum(l.linear_losses.values()) for l in report.layers]}

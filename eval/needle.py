@@ -74,7 +74,7 @@ def main(argv=None):
   p.add_argument("--calib-dataset", default="tinystories", help="KVQuant calibration text (named)")
   args = p.parse_args(argv)
 
-  from qjax import assets, data, generation, models
+  from qjax import api, assets, data, generation, models
   from qjax.models.kv_cache import KVCache
   path = args.model or assets.asset(assets.DEFAULT_MODEL)
   model, params = models.load(path)
@@ -90,9 +90,12 @@ def main(argv=None):
   out = {"model": str(path), "lengths": lengths, "depths": depths, "trials": args.trials, "methods": {}}
   for spec in args.kv_methods.split(","):
     method, _, bits = spec.partition("-")
-    setup = None if method == "fp" else kv_cli.setup(method, kv_cli.config(method, int(bits), args), args, model,
-                                                     params, tok, progress=False)
-    factory = setup.cache_factory if setup else KVCache.dense
+    factory, effective_bits = KVCache.dense, 32.0
+    if method != "fp":
+      cfg = kv_cli.config(method, int(bits), args)
+      windows = kv_cli.calibration_windows(args, model, tok, cfg) if method == "kvquant" else None
+      kv = api.quantize_model(model, params, api.Recipe(kv=cfg), kv_calibration=windows).kv
+      factory, effective_bits = kv.cache_factory, kv.effective_bits
     gen = generation.Generator(model, params, tok, cache_factory=factory)
     acc = np.zeros((len(depths), len(lengths)))
     trials = []
@@ -111,7 +114,7 @@ def main(argv=None):
     log(f"[{spec}] accuracy by length {dict(zip(lengths, acc.mean(0).round(3).tolist()))}; "
         f"cache {bpt:,.0f} bytes/token")
     out["methods"][spec] = {"accuracy": acc.tolist(), "mean_accuracy": float(acc.mean()),
-                            "effective_bits": setup.effective_bits if setup else 32.0,
+                            "effective_bits": effective_bits,
                             "cache_bytes_per_token": bpt, "trials": trials}
   if args.png:
     _heatmap(out, args.png)

@@ -8,14 +8,12 @@ quantizer hooks (``--abits``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from qjax import int8, tree
+from qjax import tree
 from qjax.act_quant import ActQuantConfig
 from qjax.errors import InputError
 from qjax.kernels.qmatmul import path_name
-from qjax.outliers import OutlierConfig, plant_outliers
-from qjax.qarray import QArray
+from qjax.outliers import OutlierConfig
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -102,22 +100,6 @@ def outlier_config(args) -> OutlierConfig | None:
   return OutlierConfig(args.plant_outliers, args.outlier_factor, args.outlier_norms, args.seed)
 
 
-def prepare(args, model, params):
-  """The float model to quantize: outliers planted when asked (the baseline is evaluated on it too)."""
-  cfg = outlier_config(args)
-  return params if cfg is None else plant_outliers(model, params, cfg)
-
-
-def to_int8(params):
-  """Converts every 8-bit per-channel QArray to :class:`~qjax.int8.Int8Array` (others are kept)."""
-  flat = tree.flatten(params)
-  paths = [p for p, v in flat.items() if isinstance(v, QArray) and v.bits == 8 and v.group_size == -1
-           and v.perm is None]
-  if not paths:
-    raise InputError("--int8-kernel found no 8-bit per-channel weights to run in int8")
-  return tree.replace(params, paths, lambda p, q: int8.from_qarray(q))
-
-
 def matmul_paths(model, params, act: ActQuantConfig) -> list[str]:
   """The execution paths the decoder linears take (for the summary)."""
   flat, hook = tree.flatten(params), act.hooks().linear_input
@@ -134,10 +116,3 @@ def describe(act: ActQuantConfig, method: str = "none") -> str:
   ranges = "per-token" if act.group_size == -1 else f"per {act.group_size} channels"
   kind = "sym absmax" if act.scheme == "absmax" else "sym" if act.sym else "asym"
   return f"{act.bits}-bit {ranges} {kind}, dynamic" + ("; + attention matmuls" if act.attention_matmuls else "")
-
-
-def config_dict(act: ActQuantConfig, args) -> dict:
-  return {"activation": dataclasses.asdict(act),
-          "smoothquant": {"alpha": args.alpha} if args.smoothquant else None,
-          "outliers": dataclasses.asdict(outlier_config(args)) if args.plant_outliers else None,
-          "int8_kernel": bool(args.int8_kernel)}

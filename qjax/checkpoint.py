@@ -95,7 +95,7 @@ def atomic_file(dest, mode: str = "w"):
 
 
 def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool = False,
-         kv_calibration: dict | None = None) -> Path:
+         kv_calibration: dict | None = None, recipe: dict | None = None) -> Path:
   """Writes ``params`` (with QArrays) and metadata to ``dest`` atomically. Returns ``dest``.
 
   ``kv_calibration`` (``{"metadata": JSON-able, "arrays": {name: array}}``, e.g. KVQuant's) is stored as
@@ -118,6 +118,8 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
     shutil.copy2(source_dir / "config.json", tmp / "config.json")
     copy_tokenizer(source_dir, tmp)
     meta = {"format": FORMAT, "dtype": dtype, "method": method, "qarrays": qmeta}
+    if recipe is not None:
+      meta["recipe"] = recipe  # qjax.api.Recipe.to_dict() of what made the checkpoint
     if kv_calibration is not None:
       meta["kv_calibration"] = kv_calibration["metadata"]
       np.savez(tmp / "kv_calibration.npz", **{k.replace("/", "."): np.asarray(v)

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from qjax import checkpoint, cli, data, recipe
+from qjax import api, checkpoint, cli, data, recipe
 from qjax.errors import InputError
 from qjax.generation import (GenerationResult, Generator, Sampling, bucket, completion_text, eos_token_ids,
                              plan_lengths)
@@ -165,6 +165,9 @@ def run(argv=None) -> int:
   saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
   q = recipe.apply(args, given, model, params, meta, tok, progress=sys.stderr.isatty(), kv_calibration=saved_kv)
   method = q.method
+  if args.save_recipe:
+    with checkpoint.atomic_file(args.save_recipe) as f:
+      f.write(api.dump_recipe(q.recipe, args.save_recipe))
   cache_label = q.kv.describe() if q.kv else "dense"
   gen = Generator(q.model, q.params, tok, sampling=sampling,
                   **({"cache_factory": q.kv.cache_factory} if q.kv else {}))

@@ -16,6 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qjax import tree
+from qjax.errors import InputError
 from qjax.qarray import QArray, QuantizedTensor, register_quantized
 
 
@@ -54,3 +56,14 @@ class LLMInt8Array(QuantizedTensor):
 
   def dequantize(self) -> jax.Array:
     return (self.scale * self.codes.astype(jnp.float32)).astype(self.dtype)
+
+
+def to_int8(params):
+  """Every 8-bit per-channel, natural-order QArray of ``params`` as an :class:`Int8Array` (others kept), so its
+  linears run as real ``int8 x int8 -> int32`` matmuls. Raises InputError when there is none."""
+  flat = tree.flatten(params)
+  paths = [p for p, v in flat.items() if isinstance(v, QArray) and v.bits == 8 and v.group_size == -1
+           and v.perm is None]
+  if not paths:
+    raise InputError("int8 execution found no 8-bit per-channel weights to run in int8")
+  return tree.replace(params, paths, lambda p, q: from_qarray(q))

@@ -1,22 +1,18 @@
 """Command-line wiring of KV-cache quantization (KIVI, KVQuant), shared by ``qjax.quantize`` (perplexity under a
-quantized cache), ``qjax.generate`` (decoding through it) and the evaluation scripts.
-
-A :class:`KVSetup` bundles what a run needs: the cache factory for generation, the ``kv_past`` hook for the
-cache-free perplexity pass ("quantized past": each position attends to exactly what the cache would hold when
-that token is decoded; see :mod:`qjax.methods.kivi` and :mod:`qjax.methods.kvquant`), the closed-form effective
-bits per cached element, and KVQuant's calibration (saved with a checkpoint).
+quantized cache) and ``qjax.generate`` (decoding through it): flags -> configs, the reuse of a checkpoint's saved
+cache, KVQuant's calibration windows. The cache itself is built by :func:`qjax.api.quantize_model`
+(:class:`qjax.api.QuantizedKV`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
 
 import jax.numpy as jnp
 
 from qjax import assets, data
 from qjax.errors import InputError
-from qjax.generation import CacheFactory, cache_bytes_per_token
+from qjax.generation import cache_bytes_per_token
 from qjax.methods import kivi, kvquant
 from qjax.models import CausalLM
 from qjax.models.kv_cache import KVCache
@@ -119,54 +115,14 @@ def resolve_saved(args, given, saved: dict | None, kv_calibration: dict | None):
   return "kvquant", saved_cfg, kv_calibration
 
 
-@dataclasses.dataclass(frozen=True)
-class KVSetup:
-  name: str                           # e.g. "kivi-4"
-  config: object
-  cache_factory: CacheFactory
-  past_hook: Callable
-  effective_bits: float               # stored bits per cached element (closed form, long-context limit)
-  calibration: object = None          # KVQuantCalibration or None
-
-  def describe(self) -> str:
-    return f"{self.name} ({self.effective_bits:.2f} bits per cached element)"
+def calibration_windows(args, model: CausalLM, tokenizer, cfg: kvquant.KVQuantConfig):
+  """KVQuant's calibration windows: ``cfg.nsamples`` seeded windows of the calibration text flags' text."""
+  path = getattr(args, "calib_text", None) or assets.named_text(
+      getattr(args, "calib_dataset", None) or "tinystories", assets.CALIB_DATASETS)
+  return kvquant.calibration_for(model, data.tokenize(tokenizer, data.read_text(path)), cfg, args.seed)
 
 
-def config_dict(kv: KVSetup | None) -> dict | None:
-  """What is recorded in JSON outputs and checkpoints."""
-  if kv is None:
-    return None
-  return {"name": kv.name, "config": dataclasses.asdict(kv.config), "effective_bits": kv.effective_bits}
-
-
-def setup(method: str, cfg, args, model: CausalLM, params, tokenizer, progress: bool = True,
-          calibration: dict | None = None) -> KVSetup | None:
-  """The :class:`KVSetup` of ``method`` with config ``cfg`` (None for ``none``); KVQuant is calibrated on
-  ``params`` (the float model) with the calibration text flags unless a saved ``calibration``
-  (``KVQuantCalibration.to_dict()``) is given."""
-  if method in (None, "none"):
-    return None
-  c = model.config
-  if method == "kivi":
-    cfg.check_head_dim(c.head_dim)
-    return KVSetup(f"kivi-{cfg.bits}", cfg, kivi.cache_factory(cfg), kivi.past_hook(cfg),
-                   kivi.effective_bits(cfg, c.head_dim))
-  if calibration is not None:
-    calibration = kvquant.KVQuantCalibration.from_dict(calibration)
-  else:
-    path = getattr(args, "calib_text", None) or assets.named_text(
-        getattr(args, "calib_dataset", "tinystories"), assets.CALIB_DATASETS)
-    tokens = data.tokenize(tokenizer, data.read_text(path))
-    calibration = kvquant.calibrate(params, cfg, kvquant.calibration_for(model, tokens, cfg, args.seed),
-                                    progress=progress)
-  bits_cfg = calibration.config
-  return KVSetup(f"kvquant-{bits_cfg.bits}", bits_cfg, kvquant.cache_factory(calibration),
-                 kvquant.past_hook(calibration),
-                 kvquant.effective_bits(bits_cfg, c.head_dim, c.num_kv_heads,
-                                        dtype_bytes=jnp.dtype(model.dtype).itemsize), calibration)
-
-
-def bytes_per_token(kv: KVSetup, model: CausalLM, max_len: int) -> dict:
+def bytes_per_token(kv, model: CausalLM, max_len: int) -> dict:
   """Measured stored bytes per cached token of a one-row cache of ``max_len`` slots, and of the dense cache."""
   dtype = jnp.dtype(model.dtype)
   return {"bytes_per_token": cache_bytes_per_token(kv.cache_factory(model.config, 1, max_len, dtype)),

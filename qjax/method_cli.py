@@ -4,13 +4,12 @@ construction, calibration data and the call into each method's model-level trans
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from pathlib import Path
 
 from qjax import assets, calibration, data, scaling, tree
 from qjax.errors import InputError
-from qjax.methods import awq, gptq, llm_int8, rtn, zeroquant
+from qjax.methods import awq, gptq, llm_int8, rtn, spqr, zeroquant
 
 METHODS = ("none", "rtn", "gptq", "spqr", "awq", "zeroquant", "llm_int8")
 CALIBRATED = ("gptq", "spqr", "awq")
@@ -166,7 +165,6 @@ def config(args):
     return gptq.GPTQConfig(**common, sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
                            percdamp=args.percdamp, block_size=args.block_size, true_sequential=args.true_sequential)
   if args.method == "spqr":
-    from qjax.methods import spqr
     return spqr.SpQRConfig(**common, sym=args.sym, qq_scale_bits=args.qq_scale_bits, qq_zero_bits=args.qq_zero_bits,
                            qq_groupsize=args.qq_groupsize, outlier_threshold=args.outlier_threshold,
                            act_order=args.act_order, percdamp=args.percdamp,
@@ -226,32 +224,3 @@ def calibration_data(args, model, tokenizer, seed: int) -> calibration.Calibrati
                      f"--calib-text or a smaller --calib-seqlen")
   calibration.check_memory_budget(model, args.nsamples, seqlen)
   return calibration.Calibration(model, data.calibration_windows(tokens, args.nsamples, seqlen, seed))
-
-
-def run(args, cfg, model, params, calib, progress: bool):
-  """``(params, report)``: the method's transform; report is a CalibrationReport or None."""
-  if args.method == "zeroquant":
-    if calib is None:
-      return zeroquant.quantize(params, cfg, model, progress), None
-    return zeroquant.quantize_with_report(params, cfg, calib, progress)
-  if args.method == "rtn":
-    return rtn.quantize(params, cfg, progress=progress), None
-  if args.method == "gptq":
-    return gptq.quantize_with_report(params, cfg, calib, progress=progress)
-  if args.method == "spqr":
-    from qjax.methods import spqr
-    return spqr.quantize_with_report(params, cfg, calib, progress=progress)
-  if args.method == "awq":
-    return awq.quantize_with_report(params, cfg, calib, progress=progress)
-  if args.method == "llm_int8":
-    return llm_int8.quantize(params, cfg, progress=progress), None
-  return params, None
-
-
-def config_dict(cfg) -> dict:
-  if cfg is None:
-    return {}
-  d = dataclasses.asdict(cfg)
-  d["targets"] = list(d.get("targets", ()))
-  return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
-

@@ -10,7 +10,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from qjax import act_cli, assets, checkpoint, cli, data, hf_gptq, kv_cli, perplexity, recipe, size
+from qjax import act_cli, api, assets, checkpoint, cli, data, hf_gptq, kv_cli, perplexity, recipe, size
+from qjax.methods import spqr
 from qjax.errors import InputError
 
 PROG = "python -m qjax.quantize"
@@ -109,8 +110,11 @@ def run(argv=None) -> int:
   baseline = evaluate(model, q.float_params, "fp") if args.baseline else {}
   if args.save:
     checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
-                    overwrite=args.overwrite,
+                    overwrite=args.overwrite, recipe=q.recipe.to_dict(),
                     kv_calibration=q.kv.calibration.to_dict() if q.kv and q.kv.calibration else None)
+  if args.save_recipe:
+    with checkpoint.atomic_file(args.save_recipe) as f:
+      f.write(api.dump_recipe(q.recipe, args.save_recipe))
   exported = _export_gptq(args, cfg, qparams, source_dir) if args.export_gptq else None
   rep = size.size_report(qparams)
   paths = act_cli.matmul_paths(model, qparams, act)
@@ -130,13 +134,15 @@ def run(argv=None) -> int:
   }
   if args.baseline:
     out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
-  if args.method == "spqr":
-    from qjax.methods import spqr
+  if "spqr" in q.q.reports:
     out["size"]["spqr"] = dataclasses.asdict(spqr.bits_summary(qparams))
+  if q.q.rules:
+    out["rules"] = [r.to_dict() for r in q.q.rules]
+  out["recipe"] = q.recipe.to_dict()
   if exported is not None:
     out["export_gptq"] = exported
   if q.kv is not None:
-    out["kv_cache"] = {**kv_cli.config_dict(q.kv), "describe": q.kv.describe(),
+    out["kv_cache"] = {**q.kv.to_dict(), "describe": q.kv.describe(),
                        "semantics": "quantized past: each position attends to what the quantized cache holds when "
                                     "that token is decoded token by token",
                        **kv_cli.bytes_per_token(q.kv, model, seqlen)}
@@ -192,6 +198,11 @@ def _print_summary(out, results, baseline, method, linears):
     print(cli.format_table(["dataset", "seqlen", "windows", "fp ppl", label, "delta", "eval tok/s"], rows))
     print()
   s, t = out["size"], out["timing"]
+  if len(out.get("rules", ())) > 1:
+    print(cli.format_table(["rule", "method", "weights", "bits / weight"], [
+        [r["pattern"], r["method"] or "float", r["weights"],
+         "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"] for r in out["rules"]]))
+    print()
   if "export_gptq" in out:
     print("\n".join(hf_gptq.summary_lines(out["export_gptq"])) + "\n")
   print(cli.format_table(["model", "value"], [

@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax.errors import InputError
+
 
 def true_divide(a: jax.Array, b: jax.Array) -> jax.Array:
   """IEEE ``a / b`` with ``b`` broadcast to ``a``'s shape.
@@ -36,6 +38,15 @@ def true_divide(a: jax.Array, b: jax.Array) -> jax.Array:
   """
   a, b = jnp.broadcast_arrays(a, b)
   return a / jax.lax.optimization_barrier(b + 0 * a)  # "+ 0 * a": batched like ``a`` under vmap
+
+
+def check_grid(bits: int, group_size: int, what: str = "weight"):
+  """Raises InputError unless ``bits`` is 2..8 and ``group_size`` is -1 (per channel) or positive (the checks
+  every uniform weight config runs in its ``__post_init__``)."""
+  if not isinstance(bits, int) or not 2 <= bits <= 8:
+    raise InputError(f"{what} bits must be between 2 and 8, got {bits}")
+  if not isinstance(group_size, int) or group_size == 0 or group_size < -1:
+    raise InputError(f"{what} group size must be -1 (per channel) or positive, got {group_size}")
 
 
 def num_groups(n: int, group_size: int) -> int:

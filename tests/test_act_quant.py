@@ -112,7 +112,7 @@ def random_model(request, llama_dir, opt_dir):
 
 def test_w8a8_fake_and_int8_paths_agree(random_model):
   model, params = random_model
-  q = rtn.quantize(params, rtn.RTNConfig(bits=8, scale_dtype="float32"), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=8, scale_dtype="float32"), progress=False)[0]
   qi = tree.unflatten({p: int8.from_qarray(v) if isinstance(v, int8.QArray) else v
                        for p, v in tree.flatten(q).items()})
   m = model.with_hooks(act_quant.ActQuantConfig(bits=8).hooks())
@@ -158,7 +158,7 @@ def _calib(model, n=4, t=16):
 
 def test_smoothquant_is_function_preserving(random_model):
   model, params = random_model
-  s, report = smoothquant.smooth_with_report(params, smoothquant.SmoothQuantConfig(0.5), _calib(model),
+  s, report = smoothquant.smooth(params, smoothquant.SmoothQuantConfig(0.5), _calib(model),
                                              progress=False)
   ids = _ids(model.config.vocab_size)
   a, b = model.apply(params, ids)[0], model.apply(s, ids)[0]
@@ -207,12 +207,12 @@ def test_outliers_break_w8a8_and_smoothquant_and_llm_int8_recover(stories_dir):
   w8 = rtn.RTNConfig(bits=8, scale_dtype="float32")
   ppl = lambda m, p: perplexity.perplexity(m, p, tokens, 256, 12, progress=False).ppl
   fp = ppl(model, params)
-  clean = ppl(a8, rtn.quantize(params, w8, progress=False))
-  broken = ppl(a8, rtn.quantize(planted, w8, progress=False))
+  clean = ppl(a8, rtn.quantize(params, w8, progress=False)[0])
+  broken = ppl(a8, rtn.quantize(planted, w8, progress=False)[0])
   calib = calibration.Calibration(model, data.calibration_windows(calib_tokens, 16, 256, 0))
-  smoothed = smoothquant.smooth(planted, smoothquant.SmoothQuantConfig(0.5), calib, progress=False)
-  sq = ppl(a8, rtn.quantize(smoothed, w8, progress=False))
-  li8 = ppl(model, llm_int8.quantize(planted, progress=False))
+  smoothed, _ = smoothquant.smooth(planted, smoothquant.SmoothQuantConfig(0.5), calib, progress=False)
+  sq = ppl(a8, rtn.quantize(smoothed, w8, progress=False)[0])
+  li8 = ppl(model, llm_int8.quantize(planted, progress=False)[0])
   assert clean < 1.01 * fp
   assert broken > 1.015 * fp and broken > fp + 5 * (clean - fp)
   assert sq < 1.02 * fp and li8 < 1.02 * fp

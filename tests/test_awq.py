@@ -137,7 +137,7 @@ def test_unfoldable_groups_are_skipped(llama_dir, opt_dir):
 @pytest.mark.parametrize("fixture", ["llama_dir", "opt_dir"])
 def test_model_level(request, fixture):
   model, params = models.load(request.getfixturevalue(fixture))
-  q, report = awq.quantize_with_report(params, CONFIG, calib_for(model), progress=False)
+  q, report = awq.quantize(params, CONFIG, calibration=calib_for(model), progress=False)
   flat = tree.flatten(q)
   quantized = [p for p, v in flat.items() if isinstance(v, QArray)]
   assert len(quantized) == len(model.family.linears) * model.config.num_layers
@@ -155,7 +155,7 @@ def test_targets_select_the_quantized_linears(opt_dir):
   """Only fc2 targeted: only the ``fc1 -> fc2`` group is searched and only fc2 is quantized."""
   model, params = models.load(opt_dir)
   cfg = dataclasses.replace(CONFIG, targets=(r".*/fc2/weight",))
-  q, report = awq.quantize_with_report(params, cfg, calib_for(model), progress=False)
+  q, report = awq.quantize(params, cfg, calibration=calib_for(model), progress=False)
   assert sorted(p for p, v in tree.flatten(q).items() if isinstance(v, QArray)) == [
       f"{model.family.layer_path(i)}/fc2/weight" for i in range(model.config.num_layers)]
   assert all(sorted(l.linear_losses) == ["alpha/fc1", "fc2"] for l in report.layers)
@@ -165,7 +165,7 @@ def test_rejects_post_ln_and_bad_config(opt_dir):
   model, params = models.load(opt_dir)
   post_ln = CausalLM(dataclasses.replace(model.config, do_layer_norm_before=False))
   with pytest.raises(InputError, match="post-LN"):
-    awq.quantize(params, awq.AWQConfig(), calib_for(post_ln), progress=False)
+    awq.quantize(params, awq.AWQConfig(), calibration=calib_for(post_ln), progress=False)
   with pytest.raises(InputError):
     awq.AWQConfig(n_grid=0)
   with pytest.raises(InputError):

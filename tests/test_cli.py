@@ -69,7 +69,7 @@ def _damaged_checkpoint(case: str, dest: Path):
   if "src" not in _SMALL_CHECKPOINT:
     src = dest.parent.parent / "small-checkpoint"
     model, params = models.load(STORIES)
-    checkpoint.save(src, rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False),
+    checkpoint.save(src, rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)[0],
                     source_dir=STORIES, dtype="float32", method={"name": "rtn", "config": {}})
     _SMALL_CHECKPOINT["src"] = src
   shutil.copytree(_SMALL_CHECKPOINT["src"], dest)

@@ -111,7 +111,7 @@ def test_model_level_every_flag_combination(tmp_path, family):
   ids = windows[:1]
   fp_logits = np.asarray(model.apply(params, ids)[0])
   for flags in FLAGS if family == "llama" else FLAGS[::4]:  # OPT: a spread of 6 of the 24
-    q, report = gptq.quantize_with_report(params, gptq.GPTQConfig(bits=4, **flags), calib, progress=False)
+    q, report = gptq.quantize(params, gptq.GPTQConfig(bits=4, **flags), calibration=calib, progress=False)
     quantized = [v for v in tree.flatten(q).values() if isinstance(v, QArray)]
     assert len(quantized) == len(model.family.linears) * model.config.num_layers
     assert len(report.layers) == model.config.num_layers and all(l.output_rel_error > 0 for l in report.layers)

@@ -175,8 +175,8 @@ def test_llama_round_trip(tmp_path, llama_dir, case):
   if permuted:
     q = act_order(params, bits, group_size, sym, targets)
   else:
-    q = rtn.quantize(params, rtn.RTNConfig(bits=bits, group_size=group_size, sym=sym, targets=targets),
-                     progress=False)
+    q, _ = rtn.quantize(params, rtn.RTNConfig(bits=bits, group_size=group_size, sym=sym, targets=targets),
+                        progress=False)
   summary = hf_gptq.export_gptq(tmp_path / "gptq", q, source_dir=llama_dir, bits=bits, group_size=group_size,
                                 sym=sym, desc_act=permuted)
   layers = range(model.config.num_layers)
@@ -208,7 +208,7 @@ def test_llama_round_trip(tmp_path, llama_dir, case):
 
 def test_stories_round_trip_excludes_ffn(tmp_path, stories_dir):
   model, params = models.load(stories_dir)
-  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)[0]
   summary = hf_gptq.export_gptq(tmp_path / "gptq", q, source_dir=stories_dir, bits=4, group_size=32, sym=False,
                                 desc_act=False)
   layers = range(model.config.num_layers)
@@ -243,7 +243,7 @@ def test_stories_round_trip_excludes_ffn(tmp_path, stories_dir):
 def test_folder_layout(tmp_path, opt_dir):
   """Config, names, dtypes and shapes exactly as HF GPTQ loaders expect (OPT: biases kept, tied lm_head absent)."""
   model, params = models.load(opt_dir)
-  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32, sym=True), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32, sym=True), progress=False)[0]
   hf_gptq.export_gptq(tmp_path / "gptq", q, source_dir=opt_dir, bits=4, group_size=32, sym=True, desc_act=False,
                       extra_config={"damp_percent": 0.1})
   out = tmp_path / "gptq"
@@ -309,7 +309,7 @@ def digest(folder):
 
 def test_atomic_and_safe(tmp_path, llama_dir, monkeypatch):
   _, params = models.load(llama_dir)
-  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)[0]
   kw = dict(source_dir=llama_dir, bits=4, group_size=32, sym=False, desc_act=False)
   before = digest(llama_dir)
   dest = tmp_path / "gptq"
@@ -340,7 +340,7 @@ def test_atomic_and_safe(tmp_path, llama_dir, monkeypatch):
 
 def test_load_rejects_corrupt_checkpoints(tmp_path, llama_dir):
   _, params = models.load(llama_dir)
-  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)[0]
   dest = tmp_path / "gptq"
   hf_gptq.export_gptq(dest, q, source_dir=llama_dir, bits=4, group_size=32, sym=False, desc_act=True)
   good = read_safetensors(dest / "model.safetensors")

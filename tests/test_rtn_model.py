@@ -14,7 +14,7 @@ from qjax.qarray import QArray
 @pytest.mark.parametrize("fixture,n_linear", [("llama_dir", 7), ("opt_dir", 6)])
 def test_quantize_replaces_exactly_the_decoder_linears(request, fixture, n_linear):
   model, params = models.load(request.getfixturevalue(fixture))
-  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)[0]
   flat, qflat = tree.flatten(params), tree.flatten(q)
   quantized = sorted(p for p, v in qflat.items() if isinstance(v, QArray))
   assert len(quantized) == n_linear * model.config.num_layers
@@ -30,13 +30,13 @@ def test_quantize_replaces_exactly_the_decoder_linears(request, fixture, n_linea
 def test_targets_can_include_lm_head(llama_dir):
   _, params = models.load(llama_dir)
   cfg = rtn.RTNConfig(bits=8, targets=("lm_head/weight",))
-  q = rtn.quantize(params, cfg, progress=False)
+  q = rtn.quantize(params, cfg, progress=False)[0]
   assert [p for p, v in tree.flatten(q).items() if isinstance(v, QArray)] == ["lm_head/weight"]
 
 
 def test_size_report_w4_g32(stories_dir):
   _, params = models.load(stories_dir)
-  rep = size.size_report(rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False))
+  rep = size.size_report(rtn.quantize(params, rtn.RTNConfig(bits=4, group_size=32), progress=False)[0])
   # 4-bit codes + fp16 scale + uint8 zero per 32 weights = 4.75; FFN width 172 pads codes and adds a partial group
   assert 4.75 <= rep.bits_per_weight < 5.0
   assert rep.quantized_weights == 5 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 172)  # q,o + k,v + gate,up,down
@@ -45,7 +45,7 @@ def test_size_report_w4_g32(stories_dir):
 
 def test_checkpoint_round_trip_is_bit_identical(tmp_path, llama_dir):
   model, params = models.load(llama_dir)
-  q = rtn.quantize(params, rtn.RTNConfig(bits=3, group_size=32, sym=True), progress=False)
+  q = rtn.quantize(params, rtn.RTNConfig(bits=3, group_size=32, sym=True), progress=False)[0]
   before = {p: os.stat(p).st_mtime_ns for p in llama_dir.iterdir()}
   dest = checkpoint.save(tmp_path / "ck", q, source_dir=llama_dir, dtype="float32", method={"name": "rtn"})
   assert {p: os.stat(p).st_mtime_ns for p in llama_dir.iterdir()} == before

@@ -231,7 +231,7 @@ def test_model_level(request, fixture, tmp_path):
   model, params = models.load(path)
   windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (8, 32)).astype(np.int32)
   cfg = spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.3, act_order=True)
-  q, report = spqr.quantize_with_report(params, cfg, calibration.Calibration(model, windows), progress=False)
+  q, report = spqr.quantize(params, cfg, calibration=calibration.Calibration(model, windows), progress=False)
   arrays = [v for v in tree.flatten(q).values() if isinstance(v, spqr.SpQRArray)]
   assert len(arrays) == len(model.family.linears) * model.config.num_layers
   assert len(report.layers) == model.config.num_layers and all(l.output_rel_error > 0 for l in report.layers)
@@ -259,10 +259,10 @@ def test_stories260k_beats_gptq_w3g32(stories_dir):
   text = lambda table: data.tokenize(tok, data.read_text(assets.named_text("tinystories", table)))
   calib = calibration.Calibration(model, data.calibration_windows(text(assets.CALIB_DATASETS), 128, 256, seed=0))
   ppl = lambda p: perplexity.perplexity(model, p, text(assets.PPL_DATASETS), 256, progress=False).ppl
-  q = spqr.quantize(params, spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.25, act_order=True), calib,
-                    progress=False)
-  ref = gptq.quantize(params, gptq.GPTQConfig(bits=3, group_size=32, act_order=True, static_groups=True), calib,
-                      progress=False)
+  q, _ = spqr.quantize(params, spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.25, act_order=True),
+                       calibration=calib, progress=False)
+  ref, _ = gptq.quantize(params, gptq.GPTQConfig(bits=3, group_size=32, act_order=True, static_groups=True),
+                         calibration=calib, progress=False)
   bits = spqr.bits_summary(q)
   assert 3.9 < bits.average_bits < 4.0 and bits.stored_bits < 4.6
   spqr_ppl, gptq_ppl = ppl(q), ppl(ref)

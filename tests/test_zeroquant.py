@@ -85,7 +85,7 @@ def test_config():
                                                 ("fc1", "fc2"))])
 def test_mixed_precision_by_module(request, fixture, attn, mlp):
   model, params = models.load(request.getfixturevalue(fixture))
-  q = zq.quantize(params, zq.ZeroQuantConfig(), model, progress=False)
+  q = zq.quantize(params, zq.ZeroQuantConfig(), model=model, progress=False)[0]
   flat, qflat = tree.flatten(params), tree.flatten(q)
   bits = {p.split("/")[-2]: v.bits for p, v in qflat.items() if isinstance(v, QArray)}
   assert len([v for v in qflat.values() if isinstance(v, QArray)]) == (len(attn) + len(mlp)) * 2
@@ -96,10 +96,11 @@ def test_mixed_precision_by_module(request, fixture, attn, mlp):
   ids = np.arange(12, dtype=np.int32)[None] % model.config.vocab_size
   logits = model.with_hooks(zq.ZeroQuantConfig().act_config().hooks()).apply(q, ids)[0]
   assert np.all(np.isfinite(np.asarray(logits)))
-  with pytest.raises(ValueError, match="calibration"):
-    zq.quantize(params, zq.ZeroQuantConfig(lkd=True), model)
+  with pytest.raises(InputError, match="calibration"):
+    zq.quantize(params, zq.ZeroQuantConfig(lkd=True), model=model)
   with pytest.raises(InputError, match="already quantized"):
-    zq.quantize_with_report(q, zq.ZeroQuantConfig(), calibration.Calibration(model, _windows(model, 2, 8)))
+    zq.quantize(q, {p: zq.ZeroQuantConfig() for p in tree.matching(q, zq.ZeroQuantConfig().targets)},
+                calibration=calibration.Calibration(model, _windows(model, 2, 8)))
 
 
 def _windows(model, n, seqlen, seed=0):
@@ -113,7 +114,7 @@ LKD = dict(lkd=True, lkd_steps=40, lkd_lr=1e-4, lkd_batch=4)
 def stories(stories_dir):
   model, params = models.load(stories_dir)
   calib = calibration.Calibration(model, _windows(model, 8, 32))
-  q, report = zq.quantize_with_report(params, zq.ZeroQuantConfig(**LKD), calib, progress=False)
+  q, report = zq.quantize(params, zq.ZeroQuantConfig(**LKD), calibration=calib, progress=False)
   return model, params, calib, q, report
 
 
@@ -122,8 +123,8 @@ def test_lkd_lowers_every_layer_output_mse(stories):
   assert len(report.layers) == model.config.num_layers
   for layer in report.layers:
     assert layer.linear_losses["mse_after"] < 0.9 * layer.linear_losses["mse_before"], layer
-  plain, plain_report = zq.quantize_with_report(params, zq.ZeroQuantConfig(), calib, progress=False)
-  ref = zq.quantize(params, zq.ZeroQuantConfig(), model, progress=False)
+  plain, plain_report = zq.quantize(params, zq.ZeroQuantConfig(), calibration=calib, progress=False)
+  ref = zq.quantize(params, zq.ZeroQuantConfig(), model=model, progress=False)[0]
   assert [r.linear_losses["mse"] for r in plain_report.layers] == [r.linear_losses["mse_before"]
                                                                   for r in report.layers]
   _assert_same(plain, ref)
@@ -140,16 +141,16 @@ def test_lkd_is_deterministic_and_per_layer(stories):
   """Same seed -> identical result; a layer's LKD depends only on its teacher inputs and the seed."""
   model, params, calib, q, _ = stories
   fam = model.family
-  sub, report = zq.quantize_with_report(params, zq.ZeroQuantConfig(**LKD, lkd_layers=(1, -1)), calib,
+  sub, report = zq.quantize(params, zq.ZeroQuantConfig(**LKD, lkd_layers=(1, -1)), calibration=calib,
                                         progress=False)
   assert set(report.layers[1].linear_losses) == {"mse_before", "mse_after"}
   assert set(report.layers[0].linear_losses) == {"mse"}
   last = model.config.num_layers - 1
   for i in (1, last):
     _assert_same(sub, q, [p for p in tree.flatten(q) if p.startswith(fam.layer_path(i) + "/")])
-  plain = zq.quantize(params, zq.ZeroQuantConfig(), model, progress=False)
+  plain = zq.quantize(params, zq.ZeroQuantConfig(), model=model, progress=False)[0]
   _assert_same(sub, plain, [p for p in tree.flatten(q) if p.startswith(fam.layer_path(0) + "/")])
-  other, _ = zq.quantize_with_report(params, zq.ZeroQuantConfig(**LKD, lkd_layers=(1,), seed=1), calib,
+  other, _ = zq.quantize(params, zq.ZeroQuantConfig(**LKD, lkd_layers=(1,), seed=1), calibration=calib,
                                      progress=False)
   p = f"{fam.layer_path(1)}/mlp/up_proj/weight"
   assert not np.array_equal(np.asarray(tree.flatten(other)[p].codes), np.asarray(tree.flatten(q)[p].codes))
@@ -176,7 +177,7 @@ def test_lkd_on_opt_in_bfloat16(opt_dir):
   """OPT in bfloat16: LKD trains in float32 (B2 fixed) and returns the checkpoint's dtypes."""
   model, params = models.load(opt_dir, dtype="bfloat16")
   calib = calibration.Calibration(model, _windows(model, 8, 16))
-  q, report = zq.quantize_with_report(params, zq.ZeroQuantConfig(**LKD, lkd_layers=(-1,)), calib, progress=False)
+  q, report = zq.quantize(params, zq.ZeroQuantConfig(**LKD, lkd_layers=(-1,)), calibration=calib, progress=False)
   losses = report.layers[-1].linear_losses
   assert losses["mse_after"] < losses["mse_before"]
   flat = tree.flatten(q)

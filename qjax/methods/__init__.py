@@ -1,18 +1,16 @@
-"""Quantization methods, one module per method: a per-matrix core (``quantize_weight``) and a model-level
-transform (``quantize``)."""
+"""Quantization methods, one module per method: a per-matrix core (``quantize_weight``) and, for weight methods,
+one registered model-level handler (``quantize``, see :mod:`qjax.methods.registry`). Importing this package
+registers every weight method."""
 from __future__ import annotations
 
-from qjax import tree
-from qjax.progress import bar as progress_bar
-from qjax.qarray import is_quantized
+from qjax.methods import awq, gptq, llm_int8, rtn, spqr, zeroquant  # noqa: F401  (registration)
+from qjax.methods.awq import AWQConfig
+from qjax.methods.gptq import GPTQConfig
+from qjax.methods.llm_int8 import LLMInt8Config
+from qjax.methods.registry import method_for, methods, register_method
+from qjax.methods.rtn import RTNConfig
+from qjax.methods.spqr import SpQRConfig
+from qjax.methods.zeroquant import ZeroQuantConfig
 
-
-def quantize_matching(params, targets, quantize_weight, *, desc: str, progress: bool = True):
-  """A new tree with every still-dense weight whose path matches a ``targets`` regex replaced by
-  ``quantize_weight(w)`` (calibration-free methods)."""
-  flat = tree.flatten(params)
-  paths = [p for p in tree.matching(params, targets) if not is_quantized(flat[p])]
-  bar = progress_bar(total=len(paths), desc=desc, enabled=progress)
-  out = tree.replace(params, paths, lambda p, w: (bar.update(), quantize_weight(w))[1])
-  bar.close()
-  return out
+__all__ = ["AWQConfig", "GPTQConfig", "LLMInt8Config", "RTNConfig", "SpQRConfig", "ZeroQuantConfig", "method_for",
+           "methods", "register_method"]

@@ -59,6 +59,7 @@ from qjax import calibration as calibration_lib
 from qjax import scaling, tree, uniform
 from qjax.errors import InputError
 from qjax.methods import rtn
+from qjax.methods.registry import as_assignment, exact_paths, register_method
 from qjax.models import CausalLM
 from qjax.models.families import DECODER_LINEARS, Family
 
@@ -78,6 +79,7 @@ class AWQConfig:
   targets: tuple[str, ...] = DECODER_LINEARS
 
   def __post_init__(self):
+    uniform.check_grid(self.bits, self.group_size, "AWQ")
     if self.n_grid < 1:
       raise InputError(f"AWQ grid size must be positive, got {self.n_grid}")
     if self.clip and not (0 < self.max_shrink < 1 and int(self.max_shrink * self.clip_grid) >= 1):
@@ -267,9 +269,18 @@ def quantize_layer(model: CausalLM, config: AWQConfig, layer: dict, hessians: di
   return tree.unflatten(flat), losses
 
 
-def quantize_with_report(params, config: AWQConfig, calibration, progress: bool = True):
-  """Model-level AWQ: ``(params, CalibrationReport)`` (see :mod:`qjax.calibration`). Post-LN OPT is rejected
-  (its norms do not feed the linears)."""
+@register_method(AWQConfig, name="awq", needs_calibration=True, mixed=False)
+def quantize(params, rules, *, model=None, calibration=None, progress: bool = True):
+  """Model-level AWQ, the registered handler: ``(params, CalibrationReport)`` with the decoder linears of
+  ``rules`` (a config on its targets, or ``{path: config}`` with one config: the scale search spans the linears
+  that read one input) as QArrays (see :mod:`qjax.calibration`). Post-LN OPT is rejected (its norms do not feed
+  the linears)."""
+  if calibration is None:
+    raise InputError("AWQ needs calibration data")
+  assignment = as_assignment(params, rules)
+  if not assignment:
+    return params, None
+  config = dataclasses.replace(next(iter(assignment.values())), targets=exact_paths(assignment))
   model = calibration.model
   scaling.check_foldable(model.config)
 
@@ -280,8 +291,3 @@ def quantize_with_report(params, config: AWQConfig, calibration, progress: bool 
 
   return calibration_lib.walk_layers(params, calibration, process, propagate="fp", progress=progress,
                                      desc=f"AWQ W{config.bits}")
-
-
-def quantize(params, config: AWQConfig, calibration, progress: bool = True):
-  """Model-level AWQ transform: ``params -> params`` with the targeted decoder linears as QArrays."""
-  return quantize_with_report(params, config, calibration, progress)[0]

@@ -33,6 +33,7 @@ import numpy as np
 from qjax import calibration as calibration_lib
 from qjax import linalg, uniform
 from qjax.errors import InputError
+from qjax.methods.registry import as_assignment, exact_paths, register_method, shared
 from qjax.models.families import DECODER_LINEARS
 from qjax.qarray import QArray
 
@@ -185,6 +186,7 @@ class GPTQConfig:
   targets: tuple[str, ...] = DECODER_LINEARS
 
   def __post_init__(self):
+    uniform.check_grid(self.bits, self.group_size, "GPTQ")
     if self.static_groups and self.group_size <= 0:
       raise InputError("static groups need a group size (--groupsize > 0)")
     if not 0 < self.percdamp:
@@ -193,19 +195,23 @@ class GPTQConfig:
       raise InputError(f"block size must be positive, got {self.block_size}")
 
 
-def quantize_with_report(params, config: GPTQConfig, calibration, progress: bool = True):
-  """Model-level GPTQ: ``(params, CalibrationReport)`` (see :mod:`qjax.calibration`)."""
+@register_method(GPTQConfig, name="gptq", needs_calibration=True)
+def quantize(params, rules, *, model=None, calibration=None, progress: bool = True):
+  """Model-level GPTQ, the registered handler: ``(params, CalibrationReport)`` with every decoder linear of
+  ``rules`` (a config on its targets, or ``{path: config}``: per-linear bits, groups, ...) as a QArray, layer by
+  layer on ``calibration`` (:func:`qjax.calibration.quantize_layerwise`; ``true_sequential`` must agree)."""
+  if calibration is None:
+    raise InputError("GPTQ needs calibration data")
+  assignment = as_assignment(params, rules)
+
   def one(path, w, h):
-    r = quantize_weight(w, h, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                        act_order=config.act_order, static_groups=config.static_groups, percdamp=config.percdamp,
-                        block_size=config.block_size, scale_dtype=config.scale_dtype)
+    c = assignment[path]
+    r = quantize_weight(w, h, bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order,
+                        static_groups=c.static_groups, percdamp=c.percdamp, block_size=c.block_size,
+                        scale_dtype=c.scale_dtype)
     return r.qarray, float(r.losses.sum())
 
-  return calibration_lib.quantize_layerwise(params, calibration, one, targets=config.targets,
-                                            true_sequential=config.true_sequential, progress=progress,
-                                            desc=f"GPTQ W{config.bits}")
-
-
-def quantize(params, config: GPTQConfig, calibration, progress: bool = True):
-  """Model-level GPTQ transform: ``params -> params`` with the targeted decoder linears as QArrays."""
-  return quantize_with_report(params, config, calibration, progress)[0]
+  bits = "/".join(sorted({f"W{c.bits}" for c in assignment.values()}))
+  return calibration_lib.quantize_layerwise(params, calibration, one, targets=exact_paths(assignment),
+                                            true_sequential=bool(shared(assignment, "true_sequential")),
+                                            progress=progress, desc=f"GPTQ {bits}")

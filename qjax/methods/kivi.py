@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from qjax import packing, uniform
 from qjax.errors import InputError
 from qjax.models import layers
-from qjax.models.kv_cache import KVCache
+from qjax.models.kv_cache import KVCache, LayerCache
 from qjax.qarray import QuantizedTensor, register_quantized
 
 _WORD_BITS = 8             # uint8 code words: packed codes are exact for any head_dim multiple of 8
@@ -188,7 +188,7 @@ def _qdq(quantize, x, bits: int, config: KIVIConfig):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KIVILayerCache:
+class KIVILayerCache(LayerCache):
   """One layer's KIVI cache for ``b`` rows of up to ``max_len`` slots (``L = G * floor(max(max_len - R, 0) / G)``
   quantized tokens, ``W = min(R + G - 1, max_len)`` residual tokens).
 

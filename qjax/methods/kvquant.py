@@ -70,7 +70,7 @@ from qjax import data, packing
 from qjax.errors import InputError
 from qjax.models import layers
 from qjax.models.decoder import masks_and_positions
-from qjax.models.kv_cache import KVCache
+from qjax.models.kv_cache import KVCache, LayerCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +309,7 @@ def _normalize_values(vf, n, dtype):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVQuantLayerCache:
+class KVQuantLayerCache(LayerCache):
   """One layer's quantized cache of ``batch`` rows and ``max_len`` slots (``C = kv_heads * head_dim``).
 
   Per slot: packed key and value codes ``k_codes, v_codes [b, L, ceil(C/8) bits]`` uint8; key outliers
@@ -463,16 +463,16 @@ def calibration_for(model, tokens: np.ndarray, config: KVQuantConfig, seed: int 
   return calibration_lib.Calibration(model, data.calibration_windows(tokens, config.nsamples, seqlen, seed))
 
 
-def sample_positions(n: int, seqlen: int, config: KVQuantConfig) -> np.ndarray:
+def sample_positions(n: int, seqlen: int, config: KVQuantConfig, seed: int = 0) -> np.ndarray:
   """Token positions ``[n, m]`` int32 used from each calibration window: all of ``first_fp .. seqlen - 1`` when
   ``n * (seqlen - first_fp) <= max_calib_tokens``, else ``m = ceil(max_calib_tokens / n)`` of them drawn without
-  replacement (``default_rng(0)``), sorted."""
+  replacement (``default_rng(seed)``, the run's seed), sorted."""
   lo = min(config.first_fp, seqlen - 1)
   avail = seqlen - lo
   m = min(avail, -(-config.max_calib_tokens // n))
   if m == avail:
     return np.broadcast_to(np.arange(lo, seqlen, dtype=np.int32), (n, m)).copy()
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   return np.stack([np.sort(rng.choice(avail, m, replace=False)) + lo for _ in range(n)]).astype(np.int32)
 
 
@@ -581,13 +581,13 @@ def fit_layer(config: KVQuantConfig, heads: int, head_dim: int, k, v, wk, wv):
 
 
 def calibrate_with_report(params, config: KVQuantConfig, calibration: calibration_lib.Calibration,
-                          progress: bool = True):
+                          progress: bool = True, seed: int = 0):
   """``(KVQuantCalibration, CalibrationReport)``: layer by layer on the float model (:func:`walk_layers` with
   ``propagate="fp"``; the parameters are not changed), keys and values collected at :func:`sample_positions`
   of every window and fitted by :func:`fit_layer`; each layer's report has its ``stats``."""
   model = calibration.model
   n, t = calibration.windows.shape
-  used = jnp.asarray(sample_positions(n, t, config))
+  used = jnp.asarray(sample_positions(n, t, config, seed))
   fisher = (fisher_information(model, params, jnp.asarray(calibration.windows, jnp.int32), used)
             if config.fisher else None)
   heads, d = model.config.num_kv_heads, model.config.head_dim
@@ -608,6 +608,6 @@ def calibrate_with_report(params, config: KVQuantConfig, calibration: calibratio
 
 
 def calibrate(params, config: KVQuantConfig, calibration: calibration_lib.Calibration,
-              progress: bool = True) -> KVQuantCalibration:
+              progress: bool = True, seed: int = 0) -> KVQuantCalibration:
   """The per-layer KVQuant calibration of the model (see :func:`calibrate_with_report`)."""
-  return calibrate_with_report(params, config, calibration, progress)[0]
+  return calibrate_with_report(params, config, calibration, progress, seed)[0]

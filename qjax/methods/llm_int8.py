@@ -14,9 +14,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
 from qjax.errors import InputError
 from qjax.int8 import LLMInt8Array
-from qjax.methods import quantize_matching
+from qjax.methods.registry import as_assignment, quantize_each, register_method
 from qjax.models.families import DECODER_LINEARS
 
 
@@ -40,7 +41,8 @@ def quantize_weight(w: jax.Array, *, threshold: float = 6.0) -> LLMInt8Array:
   return LLMInt8Array(codes, scale, shape=w.shape, threshold=float(threshold), dtype=jnp.dtype(w.dtype).name)
 
 
-def quantize(params, config: LLMInt8Config = LLMInt8Config(), progress: bool = True):
-  """Replaces every targeted dense weight by its :class:`~qjax.int8.LLMInt8Array`."""
-  return quantize_matching(params, config.targets, functools.partial(quantize_weight, threshold=config.threshold),
-                           desc="LLM.int8", progress=progress)
+@register_method(LLMInt8Config, name="llm_int8", decoder_only=False)
+def quantize(params, rules=LLMInt8Config(), *, model=None, calibration=None, progress: bool = True):
+  """``(params, None)``: every weight of ``rules`` replaced by its :class:`~qjax.int8.LLMInt8Array`."""
+  return quantize_each(params, as_assignment(params, rules), lambda w, c: quantize_weight(w, threshold=c.threshold),
+                       desc="LLM.int8", progress=progress), None

@@ -2,7 +2,7 @@
 
 Per matrix: :func:`quantize_weight` fits one affine range per output row (``group_size=-1``) or per group of
 ``group_size`` consecutive input columns (the last group may be partial), with the conventions of
-:mod:`qjax.uniform`, and returns a :class:`~qjax.qarray.QArray`. Per model: :func:`quantize` replaces every
+:mod:`qjax.uniform`, and returns a :class:`~qjax.qarray.QArray`. Per model: :func:`quantize` (the registered handler) replaces every
 weight whose path matches the config's regex rules (default: every decoder linear of every supported family;
 embeddings and ``lm_head`` are untouched unless a rule names them).
 """
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import uniform
-from qjax.methods import quantize_matching
+from qjax.methods.registry import as_assignment, quantize_each, register_method
 from qjax.models.families import DECODER_LINEARS
 from qjax.qarray import QArray
 
@@ -27,6 +27,9 @@ class RTNConfig:
   sym: bool = False
   scale_dtype: str = "float16"        # storage type of the per-group scales
   targets: tuple[str, ...] = DECODER_LINEARS  # regexes (full match) over parameter paths
+
+  def __post_init__(self):
+    uniform.check_grid(self.bits, self.group_size, "RTN")
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype"))
@@ -44,8 +47,15 @@ def quantize_weight(w: jax.Array, *, bits: int, group_size: int = -1, sym: bool 
                            sym=sym, dtype=w.dtype, scale_dtype=scale_dtype or w.dtype)
 
 
-def quantize(params, config: RTNConfig = RTNConfig(), progress: bool = True):
-  """Returns a new parameter tree with each targeted dense weight replaced by its RTN QArray."""
-  return quantize_matching(params, config.targets, functools.partial(
-      quantize_weight, bits=config.bits, group_size=config.group_size, sym=config.sym,
-      scale_dtype=config.scale_dtype), desc=f"RTN W{config.bits}", progress=progress)
+@register_method(RTNConfig, name="rtn", decoder_only=False)
+def quantize(params, rules=RTNConfig(), *, model=None, calibration=None, progress: bool = True):
+  """``(params, None)``: every weight of ``rules`` (a config on its targets, or ``{path: config}``) replaced by
+  its RTN QArray (the registered handler, :mod:`qjax.methods.registry`)."""
+  assignment = as_assignment(params, rules)
+  return quantize_each(params, assignment, lambda w, c: quantize_weight(
+      w, bits=c.bits, group_size=c.group_size, sym=c.sym, scale_dtype=c.scale_dtype),
+      desc=_desc("RTN", assignment), progress=progress), None
+
+
+def _desc(name, assignment) -> str:
+  return f"{name} " + "/".join(sorted({f"W{c.bits}" for c in assignment.values()}))

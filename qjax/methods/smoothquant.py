@@ -45,8 +45,9 @@ def smoothing_factors(act_absmax: jax.Array, weights, alpha: float) -> jax.Array
   return jnp.maximum(a**alpha / w ** (1 - alpha), 1e-5)
 
 
-def smooth_with_report(params, config: SmoothQuantConfig, calibration, progress: bool = True):
-  """``(smoothed params, CalibrationReport)``; each layer's report records the largest factor per norm."""
+def smooth(params, config: SmoothQuantConfig, calibration, progress: bool = True):
+  """``(smoothed params, CalibrationReport)``, function-preserving in float; each layer's report records the
+  largest factor per norm."""
   model = calibration.model
   scaling.check_foldable(model.config)
   fam = model.family
@@ -65,8 +66,3 @@ def smooth_with_report(params, config: SmoothQuantConfig, calibration, progress:
 
   return calibration_lib.walk_layers(params, calibration, process, progress=progress,
                                      desc=f"SmoothQuant a={config.alpha}")
-
-
-def smooth(params, config: SmoothQuantConfig, calibration, progress: bool = True):
-  """The smoothed parameter tree (function-preserving in float)."""
-  return smooth_with_report(params, config, calibration, progress)[0]

@@ -66,6 +66,7 @@ import numpy as np
 from qjax import calibration as calibration_lib
 from qjax import linalg, packing, tree, uniform
 from qjax.errors import InputError
+from qjax.methods.registry import as_assignment, exact_paths, register_method, shared
 from qjax.models.families import DECODER_LINEARS
 from qjax.qarray import QuantizedTensor, register_quantized
 
@@ -496,34 +497,36 @@ class SpQRConfig:
                    outlier_threshold=self.outlier_threshold, percdamp=self.percdamp, block_size=self.block_size)
 
 
-def quantize_with_report(params, config: SpQRConfig, calibration, progress: bool = True):
-  """Model-level SpQR: ``(params, CalibrationReport)`` (see :mod:`qjax.calibration`); per-linear loss = the sum
+@register_method(SpQRConfig, name="spqr", needs_calibration=True)
+def quantize(params, rules, *, model=None, calibration=None, progress: bool = True):
+  """Model-level SpQR, the registered handler: ``(params, CalibrationReport)`` with every decoder linear of
+  ``rules`` (a config on its targets, or ``{path: config}``) as an :class:`SpQRArray`; per-linear loss = the sum
   of the column losses.
 
   The outlier count, hence the shape of an :class:`SpQRArray`, is data dependent, so layers holding them would
   recompile the calibration's layer functions for every layer and sub-group. The calibration therefore runs on the
   dense reconstructions (bit-identical to the arrays' ``dequantize()``) and the SpQRArrays replace them at the end.
   """
+  if calibration is None:
+    raise InputError("SpQR needs calibration data")
+  assignment = as_assignment(params, rules)
   arrays = {}
 
   def one(path, w, h):
-    r = quantize_weight(w, h, bits=config.bits, group_size=config.group_size, qq_scale_bits=config.qq_scale_bits,
-                        qq_zero_bits=config.qq_zero_bits, qq_groupsize=config.qq_groupsize,
-                        outlier_threshold=config.outlier_threshold, act_order=config.act_order,
-                        percdamp=config.percdamp, simplified_outliers=config.simplified_outliers, sym=config.sym,
-                        block_size=config.block_size, stats_dtype=config.stats_dtype)
+    c = assignment[path]
+    r = quantize_weight(w, h, bits=c.bits, group_size=c.group_size, qq_scale_bits=c.qq_scale_bits,
+                        qq_zero_bits=c.qq_zero_bits, qq_groupsize=c.qq_groupsize,
+                        outlier_threshold=c.outlier_threshold, act_order=c.act_order, percdamp=c.percdamp,
+                        simplified_outliers=c.simplified_outliers, sym=c.sym, block_size=c.block_size,
+                        stats_dtype=c.stats_dtype)
     arrays[path] = r.array
     return jnp.asarray(r.reconstruction, w.dtype), float(r.losses.sum())
 
-  dense, report = calibration_lib.quantize_layerwise(params, calibration, one, targets=config.targets,
-                                                     true_sequential=config.true_sequential, progress=progress,
-                                                     desc=f"SpQR W{config.bits}")
+  bits = "/".join(sorted({f"W{c.bits}" for c in assignment.values()}))
+  dense, report = calibration_lib.quantize_layerwise(params, calibration, one, targets=exact_paths(assignment),
+                                                     true_sequential=bool(shared(assignment, "true_sequential")),
+                                                     progress=progress, desc=f"SpQR {bits}")
   return tree.replace(dense, arrays, lambda p, _: arrays[p]), report
-
-
-def quantize(params, config: SpQRConfig, calibration, progress: bool = True):
-  """Model-level SpQR transform: ``params -> params`` with the targeted decoder linears as SpQRArrays."""
-  return quantize_with_report(params, config, calibration, progress)[0]
 
 
 @dataclasses.dataclass(frozen=True)

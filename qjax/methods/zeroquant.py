@@ -52,6 +52,7 @@ from qjax import calibration as calibration_lib
 from qjax import tree, uniform
 from qjax.act_quant import ActQuantConfig, straight_through
 from qjax.errors import InputError
+from qjax.methods.registry import as_assignment, exact_paths, register_method
 from qjax.models import ActivationHooks, CausalLM
 from qjax.models.decoder import masks_and_positions
 from qjax.models.families import DECODER_LINEARS
@@ -158,13 +159,28 @@ def _quantize_layer(layer_params, bits: tuple[tuple[str, int], ...], config: Zer
   return tree.replace(layer_params, new, lambda p, _: new[p])
 
 
-def quantize(params, config: ZeroQuantConfig, model: CausalLM, progress: bool = True):
-  """ZeroQuant without LKD: ``params -> params`` with the targeted decoder linears as QArrays (W4/8 by module).
-
-  Run the result with ``model.with_hooks(config.act_config().hooks())`` for the activation quantization.
-  """
+@register_method(ZeroQuantConfig, name="zeroquant", needs_calibration=lambda c: c.lkd, mixed=False)
+def quantize(params, rules, *, model: CausalLM | None = None, calibration=None, progress: bool = True):
+  """Model-level ZeroQuant, the registered handler: ``(params, report)`` with the decoder linears of ``rules``
+  (a config on its targets, or ``{path: config}`` with one config) as QArrays, W4/8 by module. With
+  ``calibration`` (required for LKD) each layer is measured, and distilled where asked
+  (:func:`_quantize_calibrated`); without it the weights are quantized directly (report ``None``; ``model`` gives
+  the architecture). Run the result with ``model.with_hooks(config.act_config().hooks())`` for the activation
+  quantization."""
+  assignment = as_assignment(params, rules)
+  if not assignment:
+    return params, None
+  config = dataclasses.replace(next(iter(assignment.values())), targets=exact_paths(assignment))
+  if calibration is not None:
+    return _quantize_calibrated(params, config, calibration, progress)
   if config.lkd:
-    raise ValueError("LKD needs calibration data: use quantize_with_report")
+    raise InputError("ZeroQuant's LKD needs calibration data")
+  if model is None:
+    raise ValueError("ZeroQuant without calibration needs the model (architecture)")
+  return _quantize_plain(params, config, model, progress), None
+
+
+def _quantize_plain(params, config: ZeroQuantConfig, model: CausalLM, progress: bool):
   fam = model.family
   flat = tree.flatten(params)
   for i in progress_bar(range(model.config.num_layers), desc="ZeroQuant", enabled=progress):
@@ -251,8 +267,8 @@ def _cast_like(layer_params, like):
                          for p, v in tree.flatten(layer_params).items()})
 
 
-def quantize_with_report(params, config: ZeroQuantConfig, calibration, progress: bool = True):
-  """Model-level ZeroQuant with optional LKD: ``(params, CalibrationReport)``.
+def _quantize_calibrated(params, config: ZeroQuantConfig, calibration, progress: bool):
+  """ZeroQuant with calibration, optional LKD: ``(params, CalibrationReport)``.
 
   Layers are visited by :func:`qjax.calibration.walk_layers` with ``propagate="fp"`` (each layer's inputs are the
   float teacher's hidden states). Every layer's ``losses`` hold the output MSE of the quantized layer (W and A

@@ -40,11 +40,13 @@ class SelfAttention(nn.Module):
       rope = lambda x, pos: layers.apply_rope(x, pos, inv)
       q = rope(q, positions)
     if layer_cache is not None:
-      k, v, layer_cache = layer_cache.update(k, v, cache_index, positions, rope)
-    elif self.hooks.kv_past is not None:
+      o, layer_cache = layer_cache.attend(q, k, v, index=cache_index, positions=positions, rope=rope, mask=mask,
+                                          scale=d**-0.5, hooks=self.hooks)
+      return lin(self.out_name, h * d, c.hidden_size)(o.reshape(b, t, h * d)), layer_cache
+    if self.hooks.kv_past is not None:
       o = self.hooks.kv_past(q, k, v, positions, mask, d**-0.5, rope, self.layer).reshape(b, t, h * d)
       return lin(self.out_name, h * d, c.hidden_size)(o), None
-    elif rope is not None:
+    if rope is not None:
       k = rope(k, positions)
     o = layers.attention(q, k, v, mask, d**-0.5, self.hooks).reshape(b, t, h * d)
-    return lin(self.out_name, h * d, c.hidden_size)(o), layer_cache
+    return lin(self.out_name, h * d, c.hidden_size)(o), None

@@ -1,6 +1,8 @@
 """KV caches: pytrees passed to the model's forward and returned updated.
 
-A cache holds, for every decoder layer, a *layer cache* with one method,
+A cache holds, for every decoder layer, a *layer cache* (a :class:`LayerCache`) with the cache-attend protocol,
+``attend(q, k, v, *, index, positions, rope, mask, scale, hooks) -> (out, new_layer_cache)``, whose default is
+:func:`qjax.kernels.kv_attention.kv_attention` (a fused kernel for a cache type plugs in there), built on
 ``update(k, v, index, positions, rope) -> (k_all, v_all, new_layer_cache)``: ``k, v [batch, t, kv_heads,
 head_dim]`` are the new tokens' keys BEFORE RoPE and values, written at slots ``index .. index + t - 1``;
 ``positions [batch, t]`` are their positions and ``rope(x, positions)`` the rotation (None for models without
@@ -16,10 +18,23 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qjax.kernels.kv_attention import kv_attention
+
+
+class LayerCache:
+  """Base of the layer caches: :meth:`attend` through the ``kv_attention`` kernel op; subclasses implement
+  ``update``."""
+
+  def attend(self, q, k, v, *, index, positions, rope, mask, scale, hooks=None):
+    """``(out [b, t, h, d], new layer cache)`` for queries ``q`` (after RoPE) and the new tokens' keys (before
+    RoPE) and values written at slot ``index``."""
+    return kv_attention(self, q, k, v, index=index, positions=positions, rope=rope, mask=mask, scale=scale,
+                        hooks=hooks)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DenseLayerCache:
+class DenseLayerCache(LayerCache):
   """Full-precision keys and values ``[batch, max_len, kv_heads, head_dim]``."""
   k: jax.Array
   v: jax.Array

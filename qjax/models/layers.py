@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qjax.kernels import kv_attention
 from qjax.kernels.qmatmul import qmatmul
 
 Hook = Callable[[jax.Array], jax.Array] | None
@@ -153,19 +154,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def attention(q, k, v, mask, scale: float, hooks: ActivationHooks):
-  """Grouped-query attention. ``q [b, t, h, d]``, ``k, v [b, s, kvh, d]``, ``mask [b, t, s]`` bool.
-
-  Scores and softmax in float32; returns ``[b, t, h, d]`` in ``q.dtype``.
-  """
-  b, t, h, d = q.shape
-  kvh = k.shape[2]
-  q = _apply(hooks.attn_q, q).reshape(b, t, kvh, h // kvh, d)
-  k, v = _apply(hooks.attn_k, k), _apply(hooks.attn_v, v)
-  s = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * scale
-  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-  p = _apply(hooks.attn_probs, jax.nn.softmax(s, axis=-1).astype(v.dtype))
-  o = jnp.einsum("bgrts,bsgd->btgrd", p, v)
-  return o.reshape(b, t, h, d)
+  """Grouped-query attention (:func:`qjax.kernels.kv_attention.attention`)."""
+  return kv_attention.attention(q, k, v, mask, scale, hooks)
 
 
 def mixed_attention(q, k, v, k_hat, v_hat, exact, mask, scale: float):

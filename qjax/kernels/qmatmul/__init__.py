@@ -1,0 +1,35 @@
+"""``qmatmul(x, w, act=None)``: ``x @ W^T`` for a weight ``W [out, in]`` that is a dense array or a quantized
+tensor, with an optional activation quantizer ``act`` applied to ``x`` (see :mod:`qjax.act_quant`).
+
+The op folder: ``xla.py`` holds the reference per weight type (the spec); implementations for other platforms
+register with :data:`OP` (see :mod:`qjax.kernels.dispatch`) and fall back to the reference for what they do not
+support. ``implementation="auto" | "xla" | <name>``.
+"""
+from __future__ import annotations
+
+import jax
+
+from qjax.int8 import Int8Array, LLMInt8Array
+from qjax.kernels.dispatch import Op
+from qjax.kernels.qmatmul import xla
+from qjax.kernels.qmatmul.xla import dense_matmul
+from qjax.qarray import QuantizedTensor
+
+__all__ = ["OP", "qmatmul", "path_name", "dense_matmul"]
+
+OP = Op("qmatmul", dispatch_arg=1)
+OP.reference(object)(xla.dense)
+OP.reference(QuantizedTensor)(xla.emulated)
+OP.reference(Int8Array)(xla.int8)
+OP.reference(LLMInt8Array)(xla.llm_int8)
+
+
+def qmatmul(x: jax.Array, w, act=None, *, implementation: str = "auto") -> jax.Array:
+  """``x [..., in] @ w[out, in]^T -> [..., out]`` in ``x.dtype`` through the dispatcher."""
+  return OP(x, w, act, implementation=implementation)
+
+
+def path_name(w, act=None, implementation: str = "auto") -> str:
+  """Which execution path :func:`qmatmul` takes for ``w`` (shown in CLI summaries)."""
+  name, fn = OP.select(None, w, act, implementation=implementation)[0]
+  return fn.path(w, act) if name == "xla" else f"{name} kernel"

@@ -1,0 +1,105 @@
+"""The one registry of weight quantization methods: ``@register_method(ConfigType, name=...)`` on a handler with
+the one signature every weight method shares::
+
+    handler(params, rules, *, model=None, calibration=None, progress=True) -> (params, report)
+
+``rules`` is either a config (quantize every still-dense weight its ``targets`` regexes match, the method's own
+default) or a mapping ``{parameter path: config}`` (what a :class:`qjax.api.Recipe` resolves: mixed precision
+within one method); :func:`as_assignment` turns either into the mapping. ``report`` is a
+:class:`qjax.calibration.CalibrationReport` for calibrated methods, else ``None``. The registry is filled when the
+method modules are imported (:mod:`qjax.methods` imports them all) and never changes afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+
+from qjax import tree
+from qjax.errors import InputError
+from qjax.progress import bar as progress_bar
+from qjax.qarray import is_quantized
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str                      # e.g. "gptq": the CLI's --method and the recipe files' "method"
+  config_type: type
+  handler: Callable
+  needs_calibration: Callable    # config -> bool (ZeroQuant needs calibration only with LKD)
+  mixed: bool                    # whether one run may hold several different configs
+  decoder_only: bool             # whether it quantizes decoder-layer linears only (layer-wise methods)
+
+
+_METHODS: dict[type, Method] = {}
+
+
+def register_method(config_type: type, *, name: str, needs_calibration=False, mixed: bool = True,
+                    decoder_only: bool = True):
+  """Class-of-config -> handler registration (see the module docstring). ``needs_calibration``: a bool or a
+  predicate of the config; ``mixed=False``: every path of one run must share one config (e.g. AWQ, whose scale
+  search spans the linears that read one input); ``decoder_only=False``: any 2-D weight (e.g. ``lm_head``)."""
+  predicate = needs_calibration if callable(needs_calibration) else (lambda cfg, v=bool(needs_calibration): v)
+
+  def deco(fn):
+    if config_type in _METHODS:
+      raise ValueError(f"{config_type.__name__} is already registered to {_METHODS[config_type].name}")
+    _METHODS[config_type] = Method(name, config_type, fn, predicate, mixed, decoder_only)
+    return fn
+
+  return deco
+
+
+def method_for(config) -> Method:
+  """The registered method of a config instance (or config type)."""
+  t = config if isinstance(config, type) else type(config)
+  if t not in _METHODS:
+    raise InputError(f"{t.__name__} is not a registered weight quantization config "
+                     f"(known: {', '.join(sorted(m.config_type.__name__ for m in _METHODS.values()))})")
+  return _METHODS[t]
+
+
+def methods() -> dict[str, Method]:
+  """``{name: Method}`` of every registered weight method."""
+  return {m.name: m for m in _METHODS.values()}
+
+
+def as_assignment(params, rules) -> dict[str, object]:
+  """``{path: config}``: ``rules`` itself when it is a mapping, else every still-dense weight matching the
+  config's ``targets``. Raises InputError for a path that is not in ``params`` or a run that mixes configs of a
+  method registered with ``mixed=False``."""
+  flat = tree.flatten(params)
+  if isinstance(rules, Mapping):
+    assignment = dict(rules)
+    missing = sorted(set(assignment) - set(flat))
+    if missing:
+      raise InputError(f"no parameter at {missing[0]}")
+  else:
+    assignment = {p: rules for p in tree.matching(params, rules.targets) if not is_quantized(flat[p])}
+  configs = set(assignment.values())
+  if len(configs) > 1 and not all(method_for(c).mixed for c in configs):
+    raise InputError(f"{method_for(next(iter(configs))).name} runs one config per model: its rules must agree")
+  return assignment
+
+
+def shared(assignment: Mapping[str, object], field: str):
+  """The value of a run-wide setting (``field`` of every config in ``assignment``), which must agree."""
+  values = {getattr(c, field) for c in assignment.values()}
+  if len(values) > 1:
+    raise InputError(f"rules of one method disagree on {field} ({sorted(map(str, values))}): it applies to the "
+                     f"whole run")
+  return values.pop() if values else None
+
+
+def exact_paths(assignment: Mapping[str, object]) -> tuple[str, ...]:
+  """Regexes matching exactly the paths of ``assignment`` (for pipelines that take target regexes)."""
+  return tuple(re.escape(p) for p in assignment)
+
+
+def quantize_each(params, assignment: Mapping[str, object], quantize_weight, *, desc: str, progress: bool = True):
+  """A new tree with every path of ``assignment`` replaced by ``quantize_weight(w, config)`` (the calibration-free
+  methods' model-level loop)."""
+  bar = progress_bar(total=len(assignment), desc=desc, enabled=progress)
+  out = tree.replace(params, list(assignment), lambda p, w: (bar.update(), quantize_weight(w, assignment[p]))[1])
+  bar.close()
+  return out
