@@ -39,7 +39,7 @@ RECIPES = {
     "awq_w4_g32": (["--method", "awq", "--wbits", "4", "--groupsize", "32", *CALIB], 6.808),
     "smoothquant_w8a8_int8": (["--smoothquant", "--method", "rtn", "--wbits", "8", "--abits", "8", "--int8-kernel",
                                *CALIB], 6.130),
-    "zeroquant_w4_8a8": (["--method", "zeroquant", "--wbits", "4", "--zq-attn-bits", "8", "--abits", "8"], 6.768),
+    "zeroquant_w4_8a8": (["--method", "zeroquant", "--wbits", "4", "--zq-attn-bits", "8", "--abits", "8"], 6.767),
     "zeroquant_w4_8a8_lkd": (["--method", "zeroquant", "--wbits", "4", "--zq-attn-bits", "8", "--abits", "8",
                               "--zq-lkd", *CALIB], 6.470),
     "llm_int8": (["--method", "llm_int8"], 6.122),

@@ -39,10 +39,10 @@ from qjax.methods import kivi, kvquant, registry, smoothquant
 from qjax.models import CausalLM
 from qjax.models.families import DECODER_LINEARS
 from qjax.outliers import OutlierConfig, plant_outliers
+from qjax.methods.registry import KVCacheSetup
 from qjax.qarray import is_quantized
 
 RECIPE_TYPE, RECIPE_VERSION = "qjax.Recipe", 1
-KV_CONFIGS = {"kivi": kivi.KIVIConfig, "kvquant": kvquant.KVQuantConfig}
 _SECTIONS = {"outliers": OutlierConfig, "smoothquant": smoothquant.SmoothQuantConfig,
              "activations": ActQuantConfig}
 
@@ -87,8 +87,8 @@ class Recipe:
         raise InputError(f"Recipe.{name} must be a {cls.__name__} or None, got {type(v).__name__}")
     if not all(isinstance(r, Rule) for r in self.weights):
       raise InputError("Recipe.weights must be a sequence of Rule")
-    if self.kv is not None and type(self.kv) not in KV_CONFIGS.values():
-      raise InputError(f"Recipe.kv must be a KIVIConfig or KVQuantConfig, got {type(self.kv).__name__}")
+    if self.kv is not None:
+      registry.kv_method_for(self.kv)
     acts = self.activations is not None and self.activations.enabled
     if self.smoothquant is not None and not acts and not any(r.config is not None for r in self.weights):
       raise InputError("SmoothQuant alone only rescales the model (function-preserving, the same outputs): combine "
@@ -110,7 +110,8 @@ class Recipe:
       d[name] = None if v is None else _config_dict(v)
     d["weights"] = [{"pattern": r.pattern, "method": r.method,
                      "config": None if r.config is None else _config_dict(r.config)} for r in self.weights]
-    d["kv"] = None if self.kv is None else {"method": _kv_name(self.kv), "config": _config_dict(self.kv)}
+    d["kv"] = None if self.kv is None else {"method": registry.kv_method_for(self.kv).name,
+                                            "config": _config_dict(self.kv)}
     d["int8_kernel"] = self.int8_kernel
     return d
 
@@ -142,14 +143,11 @@ class Recipe:
                                                    f"weights[{i}]")))
     kv = d.get("kv")
     if kv is not None:
-      if not isinstance(kv, dict) or kv.get("method") not in KV_CONFIGS:
-        raise InputError(f"kv.method must be one of {', '.join(KV_CONFIGS)}")
-      kv = _config_from(KV_CONFIGS[kv["method"]], kv.get("config") or {}, "kv")
+      known = registry.kv_methods()
+      if not isinstance(kv, dict) or kv.get("method") not in known:
+        raise InputError(f"kv.method must be one of {', '.join(sorted(known))}")
+      kv = _config_from(known[kv["method"]].config_type, kv.get("config") or {}, "kv")
     return cls(**kw, weights=tuple(rules), kv=kv, int8_kernel=bool(d.get("int8_kernel", False)))
-
-
-def _kv_name(cfg) -> str:
-  return next(n for n, c in KV_CONFIGS.items() if isinstance(cfg, c))
 
 
 def _config_dict(cfg) -> dict:
@@ -244,7 +242,7 @@ class Quantized:
   float_params: dict
   rules: tuple[RuleReport, ...]
   reports: dict                     # {"smoothquant" | method name: CalibrationReport or None}
-  kv: "QuantizedKV | None"          # the cache of recipe.kv (None: dense)
+  kv: KVCacheSetup | None            # the cache of recipe.kv (None: dense)
   seconds: float                    # transforms, calibration data excluded
 
 
@@ -330,44 +328,10 @@ def _rule_report(params, rule: Rule, paths) -> RuleReport:
   return RuleReport(rule.pattern, rule.method, tuple(sorted(paths)), bits)
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantizedKV:
-  """A quantized KV cache ready to use: the cache factory for generation, the quantized-past hook for
-  cache-free evaluation, the closed-form stored bits per cached element, and KVQuant's calibration."""
-  name: str
-  config: object
-  cache_factory: object
-  past_hook: object
-  effective_bits: float
-  calibration: object = None
-
-  def describe(self) -> str:
-    return f"{self.name} ({self.effective_bits:.2f} bits per cached element)"
-
-  def to_dict(self) -> dict:
-    """What JSON outputs and checkpoints record."""
-    return {"name": self.name, "config": dataclasses.asdict(self.config), "effective_bits": self.effective_bits}
-
-
-def _kv_setup(model: CausalLM, float_params, cfg, kv_calibration, progress: bool, seed: int) -> QuantizedKV | None:
+def _kv_setup(model: CausalLM, float_params, cfg, kv_calibration, progress: bool, seed: int) -> KVCacheSetup | None:
   if cfg is None:
     return None
-  c = model.config
-  if isinstance(cfg, kivi.KIVIConfig):
-    cfg.check_head_dim(c.head_dim)
-    return QuantizedKV(f"kivi-{cfg.bits}", cfg, kivi.cache_factory(cfg), kivi.past_hook(cfg),
-                   kivi.effective_bits(cfg, c.head_dim))
-  if isinstance(kv_calibration, kvquant.KVQuantCalibration):
-    fitted = kv_calibration
-  elif isinstance(kv_calibration, calibration_lib.Calibration):
-    fitted = kvquant.calibrate(float_params, cfg, kv_calibration, progress=progress, seed=seed)
-  else:
-    raise InputError("a KVQuant cache needs kv_calibration= (windows to fit on, or a saved KVQuantCalibration)")
-  import jax.numpy as jnp
-  fc = fitted.config
-  return QuantizedKV(f"kvquant-{fc.bits}", fc, kvquant.cache_factory(fitted), kvquant.past_hook(fitted),
-                 kvquant.effective_bits(fc, c.head_dim, c.num_kv_heads, dtype_bytes=jnp.dtype(model.dtype).itemsize),
-                 fitted)
+  return registry.kv_method_for(cfg).setup(model, float_params, cfg, kv_calibration, progress=progress, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------- load and save

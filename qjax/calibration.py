@@ -28,7 +28,7 @@ import numpy as np
 from qjax import tree
 from qjax.errors import InputError
 from qjax.models import CausalLM, layers
-from qjax.models.decoder import masks_and_positions
+from qjax.models.decoder import window_inputs
 from qjax.progress import bar as progress_bar
 
 
@@ -39,20 +39,29 @@ class Calibration:
   windows: np.ndarray
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LayerReport:
   layer: int
   seconds: float
   output_rel_error: float          # ||layer_q(x) - layer_fp(x)||^2 / ||layer_fp(x)||^2 on the calibration inputs
   linear_losses: dict[str, float]  # method-specific per-linear loss (GPTQ: sum of column losses)
 
+  def to_dict(self) -> dict:
+    return {"layer": self.layer, "seconds": self.seconds, "output_rel_error": self.output_rel_error,
+            "linear_losses": dict(self.linear_losses)}
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class CalibrationReport:
-  layers: list[LayerReport]
+  layers: tuple[LayerReport, ...]
   seconds: float
   peak_host_bytes: int
   activation_bytes: int            # held activations: inputs + outputs of one layer
+
+  def to_dict(self) -> dict:
+    """JSON-able: the totals and one entry per layer."""
+    return {"seconds": self.seconds, "peak_host_bytes": self.peak_host_bytes,
+            "activation_bytes": self.activation_bytes, "layers": [l.to_dict() for l in self.layers]}
 
 
 def activation_bytes(model: CausalLM, nsamples: int, seqlen: int) -> int:
@@ -84,22 +93,16 @@ def peak_host_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _static_inputs(seqlen: int):
-  ones = jnp.ones((1, seqlen), jnp.int32)
-  mask, positions, _, _ = masks_and_positions(ones, None, None)
-  return positions, mask
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(model, params, ids):
-  positions, _ = _static_inputs(ids.shape[1])
+  positions, _ = window_inputs(ids.shape[1])
   return jax.lax.map(lambda row: model.embed(params, row[None], positions)[0], ids)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def run_layer(model, layer_params, x):
   """Decoder layer on each calibration window: ``x [n, T, hidden] -> [n, T, hidden]``."""
-  positions, mask = _static_inputs(x.shape[1])
+  positions, mask = window_inputs(x.shape[1])
   mod = model.layer_module()
   return jax.lax.map(lambda xi: mod.apply({"params": layer_params}, xi[None], positions, mask)[0][0], x)
 
@@ -115,7 +118,7 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
   windows of ``x`` (no activation is stored): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
   ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ).
   """
-  positions, mask = _static_inputs(x.shape[1])
+  positions, mask = window_inputs(x.shape[1])
   mod = model.layer_module()
   update = {"hessian": lambda acc, a: acc + a.T @ a,
             "absmax": lambda acc, a: jnp.maximum(acc, jnp.max(jnp.abs(a), axis=0)),
@@ -175,7 +178,7 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
   for i in progress_bar(range(model.config.num_layers), desc=desc, enabled=progress):
     t0 = time.perf_counter()
     prefix = fam.layer_path(i)
-    fp_layer = tree.unflatten({p[len(prefix) + 1:]: v for p, v in flat.items() if p.startswith(prefix + "/")})
+    fp_layer = tree.subtree(flat, prefix)
     layer, losses = process(i, prefix, fp_layer, x)
     y = run_layer(model, layer, x)
     y_fp = y if layer is fp_layer else run_layer(model, fp_layer, x)  # unchanged layers run once
@@ -185,7 +188,7 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
     for p, v in tree.flatten(layer).items():
       flat[f"{prefix}/{p}"] = v
     reports.append(LayerReport(i, time.perf_counter() - t0, rel, losses))
-  report = CalibrationReport(reports, time.perf_counter() - start, peak_host_bytes(),
+  report = CalibrationReport(tuple(reports), time.perf_counter() - start, peak_host_bytes(),
                              activation_bytes(model, *windows.shape))
   return tree.unflatten(flat), report
 

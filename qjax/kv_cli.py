@@ -1,7 +1,7 @@
 """Command-line wiring of KV-cache quantization (KIVI, KVQuant), shared by ``qjax.quantize`` (perplexity under a
 quantized cache) and ``qjax.generate`` (decoding through it): flags -> configs, the reuse of a checkpoint's saved
 cache, KVQuant's calibration windows. The cache itself is built by :func:`qjax.api.quantize_model`
-(:class:`qjax.api.QuantizedKV`).
+(:class:`qjax.api.KVCacheSetup`).
 """
 from __future__ import annotations
 

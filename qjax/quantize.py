@@ -149,14 +149,9 @@ def run(argv=None) -> int:
   if q.smooth_report is not None:
     out["smoothquant"] = {"seconds": q.smooth_report.seconds,
                           "layers": [{"layer": l.layer, **l.linear_losses} for l in q.smooth_report.layers]}
-  report, calib = q.report, q.calibration
-  if report is not None:
-    out["calibration"] = {
-        "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1]),
-        "seconds": report.seconds, "peak_host_bytes": report.peak_host_bytes,
-        "activation_bytes": report.activation_bytes,
-        "layers": [{"layer": l.layer, "seconds": l.seconds, "output_rel_error": l.output_rel_error,
-                    "linear_losses": l.linear_losses} for l in report.layers]}
+  if q.report is not None:
+    windows = q.calibration.windows.shape
+    out["calibration"] = {"nsamples": int(windows[0]), "seqlen": int(windows[1]), **q.report.to_dict()}
   _print_summary(out, results, baseline, recipe.label(q, args), {p for _, p in model.family.linears})
   if args.json:
     cli.write_json(args.json, out)

@@ -44,3 +44,10 @@ def replace(params, paths: Iterable[str], fn: Callable[[str, object], object]) -
   for p in paths:
     flat[p] = fn(p, flat[p])
   return unflatten(flat)
+
+
+def subtree(flat: dict, prefix: str) -> dict:
+  """The nested tree below ``prefix`` (e.g. one decoder layer, ``model/layers_3``) of a flat ``{path: leaf}``
+  dict, with paths relative to it."""
+  n = len(prefix) + 1
+  return unflatten({p[n:]: v for p, v in flat.items() if p.startswith(prefix + "/")})

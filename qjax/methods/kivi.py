@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from qjax import packing, uniform
 from qjax.errors import InputError
+from qjax.methods.registry import KVCacheSetup, register_kv_method
 from qjax.models import layers
 from qjax.models.kv_cache import KVCache, LayerCache
 from qjax.qarray import QuantizedTensor, register_quantized
@@ -338,3 +339,13 @@ def past_hook(config: KIVIConfig, prefill: int = 0):
   read exactly. Here each query sees what it would see when generated.
   """
   return _QuantizedPast(config, prefill)
+
+
+@register_kv_method(KIVIConfig, name="kivi")
+def setup(model, float_params, config: KIVIConfig, calibration=None, *, progress: bool = False,
+          seed: int = 0) -> KVCacheSetup:
+  """The registered KV protocol: KIVI needs no calibration (``float_params``, ``calibration``, ``seed``
+  unused)."""
+  config.check_head_dim(model.config.head_dim)
+  return KVCacheSetup(f"kivi-{config.bits}", config, cache_factory(config), past_hook(config),
+                      effective_bits(config, model.config.head_dim))

@@ -68,8 +68,9 @@ import numpy as np
 from qjax import calibration as calibration_lib
 from qjax import data, packing
 from qjax.errors import InputError
+from qjax.methods.registry import KVCacheSetup, register_kv_method
 from qjax.models import layers
-from qjax.models.decoder import masks_and_positions
+from qjax.models.decoder import window_inputs
 from qjax.models.kv_cache import KVCache, LayerCache
 
 
@@ -487,8 +488,7 @@ def collect_kv(model, layer_params, x, positions_used):
   ``positions_used [n, m]`` of each window of ``x [n, T, hidden]`` -> ``(K, V)`` float32 ``[n * m, C]`` (a scan
   over the windows)."""
   t = x.shape[1]
-  mask = layers.causal_mask(jnp.ones((1, t), jnp.int32))
-  positions = masks_and_positions(jnp.ones((1, t), jnp.int32), None, None)[1]
+  positions, mask = window_inputs(t)
   mod = model.layer_module()
   kp, vp = _kv_paths(model)
 
@@ -611,3 +611,20 @@ def calibrate(params, config: KVQuantConfig, calibration: calibration_lib.Calibr
               progress: bool = True, seed: int = 0) -> KVQuantCalibration:
   """The per-layer KVQuant calibration of the model (see :func:`calibrate_with_report`)."""
   return calibrate_with_report(params, config, calibration, progress, seed)[0]
+
+
+@register_kv_method(KVQuantConfig, name="kvquant", needs_calibration=True)
+def setup(model, float_params, config: KVQuantConfig, calibration=None, *, progress: bool = False,
+          seed: int = 0) -> KVCacheSetup:
+  """The registered KV protocol: ``calibration`` is a fitted :class:`KVQuantCalibration` to reuse (``config``
+  then comes from it) or :class:`qjax.calibration.Calibration` windows to fit one on ``float_params``."""
+  if isinstance(calibration, KVQuantCalibration):
+    fitted = calibration
+  elif isinstance(calibration, calibration_lib.Calibration):
+    fitted = calibrate(float_params, config, calibration, progress=progress, seed=seed)
+  else:
+    raise InputError("a KVQuant cache needs calibration (windows to fit on, or a saved KVQuantCalibration)")
+  c, fc = model.config, fitted.config
+  return KVCacheSetup(f"kvquant-{fc.bits}", fc, cache_factory(fitted), past_hook(fitted),
+                      effective_bits(fc, c.head_dim, c.num_kv_heads, dtype_bytes=jnp.dtype(model.dtype).itemsize),
+                      fitted)

@@ -103,3 +103,59 @@ def quantize_each(params, assignment: Mapping[str, object], quantize_weight, *, 
   out = tree.replace(params, list(assignment), lambda p, w: (bar.update(), quantize_weight(w, assignment[p]))[1])
   bar.close()
   return out
+
+
+# ---------------------------------------------------------------------------------------- KV-cache methods
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSetup:
+  """A quantized KV cache ready to use (what a KV method's ``setup`` returns): the cache factory for generation,
+  the quantized-past hook for cache-free evaluation, the closed-form stored bits per cached element, and the
+  fitted calibration (KVQuant; saved with checkpoints)."""
+  name: str
+  config: object
+  cache_factory: Callable
+  past_hook: Callable
+  effective_bits: float
+  calibration: object = None
+
+  def describe(self) -> str:
+    return f"{self.name} ({self.effective_bits:.2f} bits per cached element)"
+
+  def to_dict(self) -> dict:
+    """What JSON outputs and checkpoints record."""
+    return {"name": self.name, "config": dataclasses.asdict(self.config), "effective_bits": self.effective_bits}
+
+
+@dataclasses.dataclass(frozen=True)
+class KVMethod:
+  name: str                      # "kivi", "kvquant": the CLI's --kv-method and the recipe files' kv.method
+  config_type: type
+  setup: Callable                # (model, float_params, config, calibration, *, progress, seed) -> KVCacheSetup
+  needs_calibration: bool
+
+
+_KV_METHODS: dict[type, KVMethod] = {}
+
+
+def register_kv_method(config_type: type, *, name: str, needs_calibration: bool = False):
+  """Registers a KV-cache method's ``setup`` (the one KV protocol: calibrate if needed, then the cache factory,
+  the quantized-past hook, the effective bits). ``calibration`` is None, calibration windows to fit on, or an
+  already fitted calibration of the method."""
+  def deco(fn):
+    _KV_METHODS[config_type] = KVMethod(name, config_type, fn, needs_calibration)
+    return fn
+  return deco
+
+
+def kv_methods() -> dict[str, KVMethod]:
+  """``{name: KVMethod}`` of every registered KV-cache method."""
+  return {m.name: m for m in _KV_METHODS.values()}
+
+
+def kv_method_for(config) -> KVMethod:
+  t = config if isinstance(config, type) else type(config)
+  if t not in _KV_METHODS:
+    raise InputError(f"{t.__name__} is not a registered KV-cache config "
+                     f"(known: {', '.join(sorted(m.config_type.__name__ for m in _KV_METHODS.values()))})")
+  return _KV_METHODS[t]

@@ -54,7 +54,7 @@ from qjax.act_quant import ActQuantConfig, straight_through
 from qjax.errors import InputError
 from qjax.methods.registry import as_assignment, exact_paths, register_method
 from qjax.models import ActivationHooks, CausalLM
-from qjax.models.decoder import masks_and_positions
+from qjax.models.decoder import window_inputs
 from qjax.models.families import DECODER_LINEARS
 from qjax.progress import bar as progress_bar
 from qjax.qarray import QArray, is_quantized
@@ -185,16 +185,10 @@ def _quantize_plain(params, config: ZeroQuantConfig, model: CausalLM, progress: 
   flat = tree.flatten(params)
   for i in progress_bar(range(model.config.num_layers), desc="ZeroQuant", enabled=progress):
     prefix = fam.layer_path(i)
-    layer = tree.unflatten({p[len(prefix) + 1:]: v for p, v in flat.items() if p.startswith(prefix + "/")})
+    layer = tree.subtree(flat, prefix)
     for p, v in tree.flatten(_quantize_layer(layer, config.layer_bits(model, prefix), config)).items():
       flat[f"{prefix}/{p}"] = v
   return tree.unflatten(flat)
-
-
-def _window_inputs(seqlen: int):
-  """``(positions [1, T], causal mask [1, T, T])`` of one unpadded window."""
-  mask, positions, _, _ = masks_and_positions(jnp.ones((1, seqlen), jnp.int32), None, None)
-  return positions, mask
 
 
 def _fake_layer(layer_params, bits, group_size, scale_dtype):
@@ -210,7 +204,7 @@ def student_outputs(student: CausalLM, layer_params, x: jax.Array, *, bits: tupl
                     group_size: int, scale_dtype: str) -> jax.Array:
   """The LKD student: decoder layer on ``x [b, T, hidden]`` with the linears ``bits`` fake-quantized (STE), the
   activation quantizers of ``student.hooks`` and the causal mask. Returns ``[b, T, hidden]``."""
-  positions, mask = _window_inputs(x.shape[1])
+  positions, mask = window_inputs(x.shape[1])
   fq = _fake_layer(layer_params, bits, group_size, scale_dtype)
   return student.layer_module().apply({"params": fq}, x, positions, mask)[0]
 
@@ -250,7 +244,7 @@ def distill_layer(student: CausalLM, layer_params, x: jax.Array, y: jax.Array, k
 @functools.partial(jax.jit, static_argnums=0)
 def layer_mse(model: CausalLM, layer_params, x: jax.Array, y: jax.Array) -> jax.Array:
   """``mean((layer(x) - y)^2)`` over ``x, y [n, T, hidden]`` (a ``lax.map`` over windows; causal mask)."""
-  positions, mask = _window_inputs(x.shape[1])
+  positions, mask = window_inputs(x.shape[1])
   mod = model.layer_module()
 
   def one(xy):

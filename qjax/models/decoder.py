@@ -12,6 +12,13 @@ from qjax.models import layers
 from qjax.models.config import ModelConfig
 
 
+def window_inputs(seqlen: int):
+  """``(positions [1, T], causal mask [1, T, T])`` of one unpadded window of ``T = seqlen`` tokens (what the
+  layer-wise calibration feeds each decoder layer)."""
+  mask, positions, _, _ = masks_and_positions(jnp.ones((1, seqlen), jnp.int32), None, None)
+  return positions, mask
+
+
 def masks_and_positions(attention_mask, positions, cache):
   """Attention mask, positions and cache bookkeeping for a forward call.
 
@@ -43,6 +50,15 @@ def run_decoder(backbone, input_ids, attention_mask, positions, cache):
   if cache is None:
     return x, None
   return x, type(cache)(tuple(new_layers), valid, cache.length + input_ids.shape[1])
+
+
+class DecoderLayerModule(nn.Module):
+  """Fields every family's decoder layer has: ``__call__(x, positions, mask, layer_cache=None,
+  cache_index=None) -> (x, new_layer_cache)``."""
+  config: ModelConfig
+  hooks: layers.ActivationHooks = layers.ActivationHooks()
+  dtype: jnp.dtype = jnp.float32
+  index: int = 0          # position in the stack (passed to the ``kv_past`` hook)
 
 
 class CausalLMModule(nn.Module):

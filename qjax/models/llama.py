@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from qjax.models import layers
 from qjax.models.attention import SelfAttention
-from qjax.models.decoder import CausalLMModule, run_decoder
+from qjax.models.decoder import CausalLMModule, DecoderLayerModule, run_decoder
 from qjax.models.config import ModelConfig
 
 
@@ -26,12 +26,8 @@ class LlamaMLP(nn.Module):
     return lin("down_proj", c.intermediate_size, c.hidden_size)(jax.nn.silu(g) * u)
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DecoderLayerModule):
   """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``. Returns ``(x, new_layer_cache)``."""
-  config: ModelConfig
-  hooks: layers.ActivationHooks = layers.ActivationHooks()
-  dtype: jnp.dtype = jnp.float32
-  index: int = 0          # position in the stack (passed to the ``kv_past`` hook)
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from qjax.models import layers
 from qjax.models.attention import SelfAttention
-from qjax.models.decoder import CausalLMModule, run_decoder
+from qjax.models.decoder import CausalLMModule, DecoderLayerModule, run_decoder
 from qjax.models.config import ModelConfig
 
 POSITION_OFFSET = 2
@@ -17,12 +17,8 @@ POSITION_OFFSET = 2
 _ACTS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
-class OPTDecoderLayer(nn.Module):
+class OPTDecoderLayer(DecoderLayerModule):
   """``x + attn(ln(x))`` and ``x + fc2(act(fc1(ln(x))))`` (pre-LN), or LN after each residual sum (post-LN)."""
-  config: ModelConfig
-  hooks: layers.ActivationHooks = layers.ActivationHooks()
-  dtype: jnp.dtype = jnp.float32
-  index: int = 0          # position in the stack (passed to the ``kv_past`` hook)
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
