@@ -50,13 +50,17 @@ def register_method(config_type: type, *, name: str, needs_calibration=False, mi
   return deco
 
 
+def _registered(table: dict, config, what: str):
+  t = config if isinstance(config, type) else type(config)
+  if t not in table:
+    raise InputError(f"{t.__name__} is not a registered {what} config "
+                     f"(known: {', '.join(sorted(m.config_type.__name__ for m in table.values()))})")
+  return table[t]
+
+
 def method_for(config) -> Method:
   """The registered method of a config instance (or config type)."""
-  t = config if isinstance(config, type) else type(config)
-  if t not in _METHODS:
-    raise InputError(f"{t.__name__} is not a registered weight quantization config "
-                     f"(known: {', '.join(sorted(m.config_type.__name__ for m in _METHODS.values()))})")
-  return _METHODS[t]
+  return _registered(_METHODS, config, "weight quantization")
 
 
 def methods() -> dict[str, Method]:
@@ -154,8 +158,5 @@ def kv_methods() -> dict[str, KVMethod]:
 
 
 def kv_method_for(config) -> KVMethod:
-  t = config if isinstance(config, type) else type(config)
-  if t not in _KV_METHODS:
-    raise InputError(f"{t.__name__} is not a registered KV-cache config "
-                     f"(known: {', '.join(sorted(m.config_type.__name__ for m in _KV_METHODS.values()))})")
-  return _KV_METHODS[t]
+  """The registered KV-cache method of a config instance (or config type)."""
+  return _registered(_KV_METHODS, config, "KV-cache")
