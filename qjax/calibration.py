@@ -110,6 +110,25 @@ def run_layer(model, layer_params, x):
 STATS = ("hessian", "absmax", "absmean")
 
 
+def capture_linears(model, layer_params, x, names, *, outputs: bool = False) -> dict:
+  """Runs one decoder layer on one window ``x [T, hidden]`` and returns ``{name: array [T, features]}``: the
+  input (or, with ``outputs``, the output) of each linear at the relative paths ``names`` (a Flax method
+  interceptor; nothing else is kept). Call it inside a scan over windows."""
+  positions, mask = window_inputs(x.shape[0])
+  captured = {}
+
+  def grab(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    name = "/".join(context.module.path)
+    if isinstance(context.module, layers.Linear) and context.method_name == "__call__" and name in names:
+      captured[name] = (y if outputs else args[0])[0]
+    return y
+
+  with nn.intercept_methods(grab):
+    model.layer_module().apply({"params": layer_params}, x[None], positions, mask)
+  return captured
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[str, ...] = ("hessian",)):
   """``{name: {kind: stat}}`` float32 for the layer's linears at relative paths ``names`` (``mlp/up_proj``).
@@ -118,23 +137,13 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
   windows of ``x`` (no activation is stored): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
   ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ).
   """
-  positions, mask = window_inputs(x.shape[1])
-  mod = model.layer_module()
   update = {"hessian": lambda acc, a: acc + a.T @ a,
             "absmax": lambda acc, a: jnp.maximum(acc, jnp.max(jnp.abs(a), axis=0)),
             "absmean": lambda acc, a: acc + jnp.sum(jnp.abs(a), axis=0)}
 
   def body(acc, xi):
-    captured = {}
-
-    def grab(next_fun, args, kwargs, context):
-      name = "/".join(context.module.path)
-      if isinstance(context.module, layers.Linear) and context.method_name == "__call__" and name in acc:
-        captured[name] = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(grab):
-      mod.apply({"params": layer_params}, xi[None], positions, mask)
+    captured = capture_linears(model, layer_params, xi, names)
+    captured = {n: a.reshape(-1, a.shape[-1]).astype(jnp.float32) for n, a in captured.items()}
     return {n: {k: update[k](acc[n][k], captured[n]) for k in kinds} for n in acc}, None
 
   def zeros(n, kind):

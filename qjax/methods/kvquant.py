@@ -70,7 +70,6 @@ from qjax import data, packing
 from qjax.errors import InputError
 from qjax.methods.registry import KVCacheSetup, register_kv_method
 from qjax.models import layers
-from qjax.models.decoder import window_inputs
 from qjax.models.kv_cache import KVCache, LayerCache
 
 
@@ -487,24 +486,12 @@ def collect_kv(model, layer_params, x, positions_used):
   """Pre-RoPE keys and values (the k_proj / v_proj outputs) of one decoder layer at the token positions
   ``positions_used [n, m]`` of each window of ``x [n, T, hidden]`` -> ``(K, V)`` float32 ``[n * m, C]`` (a scan
   over the windows)."""
-  t = x.shape[1]
-  positions, mask = window_inputs(t)
-  mod = model.layer_module()
   kp, vp = _kv_paths(model)
 
   def body(_, xs):
     xi, used = xs
-    got = {}
-
-    def grab(next_fun, args, kwargs, context):
-      y = next_fun(*args, **kwargs)
-      if context.method_name == "__call__" and "/".join(context.module.path) in (kp, vp):
-        got["/".join(context.module.path)] = y[0, used].astype(jnp.float32)
-      return y
-
-    with nn.intercept_methods(grab):
-      mod.apply({"params": layer_params}, xi[None], positions, mask)
-    return None, (got[kp], got[vp])
+    got = calibration_lib.capture_linears(model, layer_params, xi, (kp, vp), outputs=True)
+    return None, (got[kp][used].astype(jnp.float32), got[vp][used].astype(jnp.float32))
 
   _, (k, v) = jax.lax.scan(body, None, (x, positions_used))
   return k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
