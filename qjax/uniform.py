@@ -104,3 +104,13 @@ def fake_quantize(x: jax.Array, bits: int, sym: bool, axis: int = -1) -> jax.Arr
   """Quantize-dequantize each slice of ``x`` along ``axis`` with its own range (returns ``x.dtype``)."""
   scale, zero = fit(x, bits, sym, axis)
   return dequantize(quantize(x, scale, zero, bits), scale, zero).astype(x.dtype)
+
+
+def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Symmetric absmax int8 quantization of each row of ``x [..., n]`` (LLM.int8's vector-wise quantizer):
+  ``scale = max|x| / 127`` (1 for an all-zero row), ``codes = clip(round(x / scale), -127, 127)`` int8.
+  Returns ``(codes [..., n] int8, scale [..., 1] float32)``."""
+  x = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+  return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale

@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qjax import uniform
 from qjax.errors import InputError
 from qjax.int8 import LLMInt8Array
 from qjax.methods.registry import as_assignment, quantize_each, register_method
@@ -34,10 +35,7 @@ class LLMInt8Config:
 @functools.partial(jax.jit, static_argnames=("threshold",))
 def quantize_weight(w: jax.Array, *, threshold: float = 6.0) -> LLMInt8Array:
   """Vector-wise (per output row) absmax int8 quantization of ``w [out, in]``."""
-  w32 = w.astype(jnp.float32)
-  absmax = jnp.max(jnp.abs(w32), axis=1, keepdims=True)
-  scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-  codes = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
+  codes, scale = uniform.absmax_int8(w)
   return LLMInt8Array(codes, scale, shape=w.shape, threshold=float(threshold), dtype=jnp.dtype(w.dtype).name)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax import uniform
 from qjax.int8 import Int8Array, LLMInt8Array
 
 
@@ -53,9 +54,7 @@ def llm_int8_matmul(x: jax.Array, w: LLMInt8Array) -> jax.Array:
   x2 = x.reshape(-1, k).astype(jnp.float32)
   outlier = jnp.any(jnp.abs(x2) >= w.threshold, axis=0)                  # [K]
   regular = jnp.where(outlier, 0.0, x2)
-  absmax = jnp.max(jnp.abs(regular), axis=1, keepdims=True)
-  sx = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-  qx = jnp.clip(jnp.round(regular / sx), -127, 127).astype(jnp.int8)
+  qx, sx = uniform.absmax_int8(regular)
   y = _int_dot(qx, w.codes).astype(jnp.float32) * sx * w.scale[:, 0]
   y = y + jax.lax.dot_general(jnp.where(outlier, x2, 0.0), w.dequantize().astype(jnp.float32),
                               (((1,), (1,)), ((), ())))
