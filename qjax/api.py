@@ -253,29 +253,33 @@ def weight_candidates(params) -> list[str]:
           and "embed" not in p.rsplit("/", 2)[-2]]
 
 
-def resolve_rules(params, rules: tuple[Rule, ...]) -> dict[str, object]:
-  """``{path: config}`` for the weights that the FIRST fully matching rule quantizes (module docstring).
-  A rule that matches no weight is refused (a typo would otherwise silently quantize nothing), as is a
-  calibrated method on a weight outside the decoder layers."""
-  regs = [(r, re.compile(r.pattern)) for r in rules]
-  chosen, used = {}, set()
-  for p in weight_candidates(params):
-    for i, (r, rg) in enumerate(regs):
-      if rg.fullmatch(p):
-        used.add(i)
-        if r.config is not None:
-          chosen[p] = r.config
-        break
-  for i, (r, _) in enumerate(regs):
-    if i not in used:
+def match_rules(params, rules: tuple[Rule, ...]) -> dict[str, Rule]:
+  """``{path: rule}``: the FIRST fully matching rule of every weight a rule matches (module docstring). A rule
+  that matches no weight is refused (a typo would otherwise silently quantize nothing), as is a decoder-only
+  method on a weight outside the decoder layers."""
+  candidates = weight_candidates(params)
+  regs = [re.compile(r.pattern) for r in rules]
+  matched = {}
+  for p in candidates:
+    i = next((i for i, rg in enumerate(regs) if rg.fullmatch(p)), None)
+    if i is not None:
+      matched[p] = rules[i]
+  taken = {id(r) for r in matched.values()}
+  for r in rules:
+    if id(r) not in taken:
       raise InputError(f"rule {r.pattern!r} matches no weight that an earlier rule did not take (weights look like "
-                       f"{weight_candidates(params)[0]!r})")
+                       f"{candidates[0]!r})")
   decoder = [re.compile(p) for p in DECODER_LINEARS]
-  for p, cfg in chosen.items():
-    m = registry.method_for(cfg)
-    if m.decoder_only and not any(d.fullmatch(p) for d in decoder):
-      raise InputError(f"{m.name} quantizes decoder-layer linears only; {p} needs an RTN rule")
-  return chosen
+  for p, r in matched.items():
+    if r.config is not None and registry.method_for(r.config).decoder_only and not any(
+        d.fullmatch(p) for d in decoder):
+      raise InputError(f"{r.method} quantizes decoder-layer linears only; {p} needs an RTN rule")
+  return matched
+
+
+def resolve_rules(params, rules: tuple[Rule, ...]) -> dict[str, object]:
+  """``{path: config}`` of the weights that :func:`match_rules` gives a (non-None) config."""
+  return {p: r.config for p, r in match_rules(params, rules).items() if r.config is not None}
 
 
 def quantize_model(model: CausalLM, params, recipe: Recipe, *, calibration=None, kv_calibration=None,
@@ -294,7 +298,8 @@ def quantize_model(model: CausalLM, params, recipe: Recipe, *, calibration=None,
   qparams, reports = float_params, {}
   if recipe.smoothquant is not None:
     qparams, reports["smoothquant"] = smoothquant.smooth(qparams, recipe.smoothquant, calibration, progress)
-  assignment = resolve_rules(qparams, recipe.weights)
+  matched = match_rules(qparams, recipe.weights)
+  assignment = {p: r.config for p, r in matched.items() if r.config is not None}
   order = []
   for r in recipe.weights:
     if r.config is not None and type(r.config) not in order:
@@ -312,17 +317,12 @@ def quantize_model(model: CausalLM, params, recipe: Recipe, *, calibration=None,
   seconds = time.perf_counter() - t0
   act = recipe.activations or ActQuantConfig()
   hooks = act.hooks() if kv is None else dataclasses.replace(act.hooks(), kv_past=kv.past_hook)
-  rules = tuple(_rule_report(qparams, r, [p for p, c in assignment.items() if _first_rule(recipe, p) is r])
-                for r in recipe.weights)
+  flat = tree.flatten(qparams)
+  rules = tuple(_rule_report(flat, r, [p for p, m in matched.items() if m is r]) for r in recipe.weights)
   return Quantized(model.with_hooks(hooks), qparams, recipe, model, float_params, rules, reports, kv, seconds)
 
 
-def _first_rule(recipe: Recipe, path: str) -> Rule | None:
-  return next((r for r in recipe.weights if re.fullmatch(r.pattern, path)), None)
-
-
-def _rule_report(params, rule: Rule, paths) -> RuleReport:
-  flat = tree.flatten(params)
+def _rule_report(flat: dict, rule: Rule, paths) -> RuleReport:
   n = sum(flat[p].size for p in paths)
   bits = 8 * sum(flat[p].nbytes for p in paths) / n if n and rule.config is not None else None
   return RuleReport(rule.pattern, rule.method, tuple(sorted(paths)), bits)
