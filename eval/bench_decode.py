@@ -1,4 +1,4 @@
-"""Decode throughput benchmark: qjax generation (``qjax.generation``) versus transformers' ``generate`` on this CPU.
+"""Decode throughput benchmark: qjax generation (``qjax.evaluation.generation``) versus transformers' ``generate`` on this CPU.
 
 For each model, cache length L and KV-cache method, both frameworks prefill the same prompt of ``L - N`` tokens
 (the start of the TinyStories eval text, stories260K tokenizer) and greedily decode ``N`` tokens without
@@ -10,7 +10,7 @@ compilation excluded). torch: ``AutoModelForCausalLM`` float32, ``sdpa`` attenti
 prefill = until the first token, decode time = first to last token. The frameworks alternate
 for ``--repeats`` rounds and the best round of each is reported (the CPU is shared and noisy: compare the ratio of
 one run, not numbers across runs). ``cache_bytes_per_token``: K+V bytes per cached token over all layers
-(``qjax.generation.cache_bytes_per_token``); torch's fp32 cache holds the same.
+(``qjax.evaluation.generation.cache_bytes_per_token``); torch's fp32 cache holds the same.
 
 Models: ``stories260K`` (context 512: L = 2048 is skipped) and ``llama8x512`` (``eval/bench_ppl.py``: 8 layers,
 hidden 512, random weights, context 2048). KV methods (``--kv-methods``): ``fp`` (dense cache in the compute
@@ -44,8 +44,11 @@ KV_METHODS = ("fp", "kivi-2", "kivi-4", "kvquant-2", "kvquant-3", "kvquant-4")
 def kv_setup(method: str, model, params, tok):
   """``(cache factory, effective bits)`` of a ``--kv-methods`` entry (KIVI: groups of min(32, head_dim), residual
   4 groups; KVQuant: 4 calibration windows of the TinyStories calib text), built by ``qjax.api``."""
-  from qjax import api, assets, data
-  from qjax.methods import kivi, kvquant
+  from qjax import api
+  from qjax.calibration import calibration_windows
+  from qjax.io import assets
+  from qjax.io import text as data
+  from qjax.methods.kv import kivi, kvquant
   from qjax.models.kv_cache import KVCache
   if method == "fp":
     return KVCache.dense, 32.0
@@ -57,7 +60,7 @@ def kv_setup(method: str, model, params, tok):
   else:
     cfg = kvquant.KVQuantConfig(bits=int(bits), nsamples=4)
     tokens = data.tokenize(tok, data.read_text(assets.named_text("tinystories", assets.CALIB_DATASETS)))
-    windows = kvquant.calibration_for(model, tokens, cfg, seed=0)
+    windows = calibration_windows(model, tokens, cfg.nsamples, cfg.seqlen, seed=0)
   kv = api.quantize_model(model, params, api.Recipe(kv=cfg), kv_calibration=windows).kv
   return kv.cache_factory, kv.effective_bits
 
@@ -92,8 +95,10 @@ def bench(name, path, tok, tokens, length, new_tokens, methods, repeats):
   calibration text."""
   import torch
   from transformers import AutoModelForCausalLM
-  from qjax import generation, models
-  model, params = models.load(path)
+
+  from qjax.evaluation import generation
+  from qjax.io.hf import load_model
+  model, params = load_model(path)
   context = model.config.max_position_embeddings
   if length > context:
     log(f"[{name}] L={length}: skipped (context {context})")
@@ -154,7 +159,9 @@ def main(argv=None):
 
   import torch
   import transformers
-  from qjax import assets, data
+
+  from qjax.io import assets
+  from qjax.io import text as data
   transformers.utils.logging.disable_progress_bar()
   transformers.utils.logging.set_verbosity_error()
   torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Perplexity throughput benchmark: qjax (JAX/XLA) versus transformers + torch, on this CPU.
 
-For each model both frameworks score the SAME non-overlapping windows (``qjax.perplexity.windows``) with the
+For each model both frameworks score the SAME non-overlapping windows (``qjax.evaluation.perplexity.windows``) with the
 same batch size and the same NLL (per window: mean NLL of positions 1..T-1; ppl = exp of the mean over windows).
 Throughput is scored tokens per second (windows * seqlen / wall time), excluding qjax's compilation and one
 untimed torch warm-up batch. The two frameworks alternate for ``--repeats`` rounds and the best round of each is
@@ -12,7 +12,7 @@ Models:
                ids are reused), random weights (``torch.manual_seed(0)``) written with ``save_pretrained`` to a
                temp dir and loaded from there by both frameworks; seqlen 512.
 
-qjax: ``qjax.perplexity.perplexity`` (jit). torch: ``AutoModelForCausalLM`` float32, ``attn_implementation``
+qjax: ``qjax.evaluation.perplexity.perplexity`` (jit). torch: ``AutoModelForCausalLM`` float32, ``attn_implementation``
 ``sdpa`` (faster than ``eager`` here), ``torch.inference_mode()``. Threads: ``--threads N`` (default
 ``os.cpu_count()``) sets ``torch.set_num_threads(N)`` and pins the process to N cores before JAX starts (XLA
 sizes its thread pool from the affinity mask), so both use N threads whatever ``OMP_NUM_THREADS`` says.
@@ -101,9 +101,11 @@ def torch_ppl(model, w, batch_size):
 def bench(name, path, tokens, seqlen, nsamples, batch_size, repeats, attn):
   import torch
   from transformers import AutoModelForCausalLM
-  from qjax import models, perplexity
+
+  from qjax.evaluation import perplexity
+  from qjax.io.hf import load_model
   w = perplexity.windows(tokens, seqlen, nsamples)
-  model, params = models.load(path)
+  model, params = load_model(path)
   tm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
   bs = min(batch_size or perplexity.default_batch_size(seqlen, model.config.vocab_size), len(w))
   log(f"[{name}] {len(w)} windows x {seqlen} tokens, batch {bs}, {repeats} rounds")
@@ -125,7 +127,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
   p.add_argument("--nsamples", type=int, help="windows per model (default: per model, see MODELS)")
-  p.add_argument("--batch-size", type=int, help="windows per batch (default: qjax.perplexity.default_batch_size)")
+  p.add_argument("--batch-size", type=int, help="windows per batch (default: qjax.evaluation.perplexity.default_batch_size)")
   p.add_argument("--seqlen", type=int, help="override every model's window length")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks (default: all)")
   p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is reported")
@@ -138,7 +140,9 @@ def main(argv=None):
 
   import torch
   import transformers
-  from qjax import assets, data
+
+  from qjax.io import assets
+  from qjax.io import text as data
   transformers.utils.logging.disable_progress_bar()
   torch.set_num_threads(args.threads)
   story = assets.asset(assets.DEFAULT_MODEL)

@@ -4,7 +4,7 @@
    per-channel (``w4``), groups of 128 (``w4g128``) and groups of 128 with act-order (``w4g128_act``). The Hessian
    comes from random correlated inputs ``X = (noise @ (I + G / sqrt(in))) * s`` (log-normal channel scales ``s``,
    so act-order matters), ``N = 2 * in`` rows, ``H = 2 X^T X / N``; weights ``normal(0, 0.02)``; the same ``W, H``
-   go to both. qjax: ``qjax.methods.gptq.quantize_weight`` (timed to ``jax.block_until_ready`` of the QArray);
+   go to both. qjax: ``qjax.methods.weights.gptq.quantize_weight`` (timed to ``jax.block_until_ready`` of the QArray);
    a cold call before the rounds (not in the ratio) gives ``qjax_first_call_s`` and ``qjax_compile_s`` (the
    tracing, lowering and XLA compile durations JAX reports through ``jax.monitoring`` during that call).
    torch: ``torch_gptq.gptq``. Reported: best steady-state seconds of each, ``ratio = torch / qjax`` (>1: qjax
@@ -14,7 +14,7 @@
 2. Whole model (skip with ``--skip-model``): stories260K and ``llama8x512`` (``bench_ppl.make_llama8x512``: 8
    layers, hidden 512, random weights), GPTQ W4 g128 (``--model-groups 128,-1`` adds per-channel; scales kept in
    float32 so both pipelines feed identical weights forward), 128 windows x 256 tokens of TinyStories
-   calibration text (``qjax.data.calibration_windows``, seed 0). qjax: ``gptq.quantize`` (total wall
+   calibration text (``qjax.calibration.sample_windows``, seed 0). qjax: ``gptq.quantize`` (total wall
    time, the report's per-layer seconds and ``peak_host_bytes`` = process ``ru_maxrss``, so it includes what ran
    before). torch: the reference pipeline (``llama_sequential``) written below on the transformers model: capture
    the inputs of layer 0 (Catcher), then per layer run every window (batch 1) with forward hooks accumulating
@@ -117,8 +117,9 @@ def bench_linear(sizes, repeats):
   import jax
   import jax.numpy as jnp
   import torch
-  from qjax.methods import gptq as qgptq
   from torch_gptq import gptq as torch_gptq
+
+  from qjax.methods.weights import gptq as qgptq
 
   compile_s = [0.0]
   jax.monitoring.register_event_duration_secs_listener(
@@ -182,8 +183,8 @@ def torch_gptq_model(path, windows, group_size):
   """The reference layer-wise GPTQ (``torch_gptq.gptq_model``: ``llama_sequential``, all 7 linears at once) on the
   transformers model. Returns ``(seconds, per-layer seconds, total GPTQ loss)``; the model load is not timed."""
   import torch
-  from transformers import AutoModelForCausalLM
   from torch_gptq import gptq_model
+  from transformers import AutoModelForCausalLM
   model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
   start = time.perf_counter()
   rep = gptq_model(model, windows, bits=4, group_size=group_size)
@@ -192,9 +193,10 @@ def torch_gptq_model(path, windows, group_size):
 
 
 def bench_model(name, path, windows, repeats, groups):
-  from qjax import calibration, models
-  from qjax.methods import gptq as qgptq
-  model, params = models.load(path)
+  from qjax import calibration
+  from qjax.io.hf import load_model
+  from qjax.methods.weights import gptq as qgptq
+  model, params = load_model(path)
   res = {}
   for g in groups:
     gname = f"g{g}" if g > 0 else "perchannel"
@@ -268,10 +270,13 @@ def main(argv=None):
     out["models"] = "skipped (--skip-model)"
   else:
     from bench_ppl import make_llama8x512
-    from qjax import assets, data
+
+    from qjax.calibration import sample_windows
+    from qjax.io import assets
+    from qjax.io import text as data
     story = assets.asset(assets.DEFAULT_MODEL)
     text = data.read_text(assets.named_text("tinystories", assets.CALIB_DATASETS))
-    windows = data.calibration_windows(data.tokenize(data.load_tokenizer(story), text), NSAMPLES, SEQLEN)
+    windows = sample_windows(data.tokenize(data.load_tokenizer(story), text), NSAMPLES, SEQLEN)
     out["models"] = {}
     groups = [int(g) for g in args.model_groups.split(",") if g]
     with tempfile.TemporaryDirectory() as tmp:

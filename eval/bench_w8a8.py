@@ -4,7 +4,7 @@ int8 GEMMs with per-tensor dynamic activation scales) in the same run.
 
 Model: ``llama8x512`` (``bench_ppl.make_llama8x512``: 8 layers, hidden 512, MLP 1376, random weights; vocab 512),
 ``--nsamples`` windows of ``--seqlen`` tokens of the TinyStories eval text, batch ``--batch-size``. qjax paths
-(all ``jax.jit``, the same ``qjax.perplexity.perplexity`` call, compile excluded):
+(all ``jax.jit``, the same ``qjax.evaluation.perplexity.perplexity`` call, compile excluded):
 
 * ``qjax_fp32``: the float model;
 * ``qjax_w8a8_fake``: RTN W8 per-channel weights (``QArray``, dequantize + matmul) and 8-bit per-token
@@ -50,8 +50,13 @@ def main(argv=None):
   import transformers
   from transformers import AutoModelForCausalLM
 
-  from qjax import act_cli, act_quant, assets, data, models, perplexity
-  from qjax.methods import rtn
+  from qjax.cli import activations as act_cli
+  from qjax.evaluation import perplexity
+  from qjax.io import assets
+  from qjax.io import text as data
+  from qjax.io.hf import load_model
+  from qjax.methods.activations import quantizers as act_quant
+  from qjax.methods.weights import rtn
   transformers.utils.logging.disable_progress_bar()
   torch.set_num_threads(args.threads)
   story = assets.asset(assets.DEFAULT_MODEL)
@@ -60,7 +65,7 @@ def main(argv=None):
   w = perplexity.windows(tokens, args.seqlen, args.nsamples)
   with tempfile.TemporaryDirectory() as tmp:
     make_llama8x512(tmp)
-    model, params = models.load(tmp)
+    model, params = load_model(tmp)
     tm = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
   decoder_linears = {n for n, m in tm.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
   tq = torch.ao.quantization.quantize_dynamic(tm, decoder_linears, dtype=torch.qint8, inplace=False)

@@ -1,8 +1,8 @@
 """Whole-model GPTQ parity: qjax's layer-wise pipeline versus an independent torch one on the same model and the
 same calibration windows, compared by perplexity and by per-layer GPTQ losses (prints JSON).
 
-qjax: ``qjax.methods.gptq.quantize`` (float32 scales, so both sides dequantize to the same grid) then
-``qjax.perplexity``. torch: ``eval/torch_gptq.gptq_model`` (the reference ``llama_sequential`` over the
+qjax: ``qjax.methods.weights.gptq.quantize`` (float32 scales, so both sides dequantize to the same grid) then
+``qjax.evaluation.perplexity``. torch: ``eval/torch_gptq.gptq_model`` (the reference ``llama_sequential`` over the
 transformers model, the reference ``fasterquant`` per linear) then a torch perplexity over the same windows. The
 calibration windows and the evaluation tokens come from qjax's tokenization of the named texts, so both sides see
 the same token ids. Example (SmolLM2-135M as an fp32 HF folder)::
@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def qjax_run(model_dir, windows, eval_tokens, seqlen, nsamples, config):
-  from qjax import calibration, models, perplexity
-  from qjax.methods import gptq
-  model, params = models.load(model_dir)
+  from qjax import calibration
+  from qjax.evaluation import perplexity
+  from qjax.io.hf import load_model
+  from qjax.methods.weights import gptq
+  model, params = load_model(model_dir)
   t0 = time.perf_counter()
   qparams, report = gptq.quantize(params, gptq.GPTQConfig(**config, scale_dtype="float32"),
                                   calibration=calibration.Calibration(model, windows), progress=False)
@@ -38,8 +40,8 @@ def qjax_run(model_dir, windows, eval_tokens, seqlen, nsamples, config):
 
 def torch_run(model_dir, windows, eval_tokens, seqlen, nsamples, config, hessian_dtype="float32"):
   import torch
-  from transformers import AutoModelForCausalLM
   from torch_gptq import gptq_model, perplexity
+  from transformers import AutoModelForCausalLM
   torch.set_num_threads(1)
   model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
   t0 = time.perf_counter()
@@ -69,10 +71,12 @@ def main(argv=None):
                  help="also run the torch pipeline with float64 Hessian accumulation: how far float rounding alone "
                       "moves the reference's result")
   args = p.parse_args(argv)
-  from qjax import assets, data
+  from qjax.calibration import sample_windows
+  from qjax.io import assets
+  from qjax.io import text as data
   tok = data.load_tokenizer(args.model)
   calib = data.tokenize(tok, data.read_text(assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)))
-  windows = data.calibration_windows(calib, args.nsamples, args.calib_seqlen, args.seed)
+  windows = sample_windows(calib, args.nsamples, args.calib_seqlen, args.seed)
   eval_tokens = data.tokenize(tok, data.read_text(assets.named_text(args.ppl_dataset, assets.PPL_DATASETS)))
   config = dict(bits=args.wbits, group_size=args.groupsize, sym=args.sym, act_order=args.act_order,
                 static_groups=args.static_groups, true_sequential=args.true_sequential)

@@ -69,15 +69,19 @@ def main(argv=None):
   p.add_argument("--kv-methods", default="fp,kivi-2,kivi-4,kvquant-4", help="fp, kivi-B, kvquant-B, ...")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--png", help="write a heatmap per method to this PNG file")
-  from qjax import kv_cli
+  from qjax.cli import kv as kv_cli
   kv_cli.add_args(p)
   p.add_argument("--calib-dataset", default="tinystories", help="KVQuant calibration text (named)")
   args = p.parse_args(argv)
 
-  from qjax import api, assets, data, generation, models
+  from qjax import api
+  from qjax.evaluation import generation
+  from qjax.io import assets
+  from qjax.io import text as data
+  from qjax.io.hf import load_model
   from qjax.models.kv_cache import KVCache
   path = args.model or assets.asset(assets.DEFAULT_MODEL)
-  model, params = models.load(path)
+  model, params = load_model(path)
   tok = data.load_tokenizer(path)
   pool = sentences(data.read_text(args.haystack or assets.named_text("tinystories", assets.PPL_DATASETS)))
   lengths = [int(x) for x in args.lengths.split(",")]

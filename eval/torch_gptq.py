@@ -5,7 +5,6 @@ description; not copied from any repository.
 """
 from __future__ import annotations
 
-
 import torch
 
 
@@ -78,8 +77,6 @@ def gptq(w, h, *, bits, group_size=-1, sym=False, act_order=False, static_groups
   if act_order:
     q = q[:, invperm]
   return q, float(torch.sum(losses))
-
-
 
 
 def gptq_model(model, windows, *, true_sequential=False, hessian_dtype=torch.float32, **config):

@@ -8,17 +8,21 @@ The public API (imported lazily, so ``import qjax`` is cheap)::
                             calibration=qjax.calibration_windows(loaded.model, tokens, 128, 2048))
     qjax.save(q, "out/ckpt", source_dir="path/to/model")
 
-Method configs live in :mod:`qjax.methods` (weights), :mod:`qjax.act_quant` (activations) and
-:mod:`qjax.methods.kivi` / :mod:`qjax.methods.kvquant` (KV caches). ``python -m qjax.quantize`` and
-``python -m qjax.generate`` are the command-line entry points (the modules ``qjax.quantize`` / ``qjax.generate``).
+Every method config (weights, activations, KV caches) is importable from :mod:`qjax.methods`. The package
+layout, imports flowing one way: ``core`` (errors, trees, packing, quantizer math, stored formats) -> ``kernels``
+-> ``models`` -> ``methods`` -> ``calibration`` -> ``api`` -> ``io`` and ``evaluation`` -> ``cli``.
+``python -m qjax.quantize`` and ``python -m qjax.generate`` are the command-line entry points (thin modules that
+run :mod:`qjax.cli.quantize` / :mod:`qjax.cli.generate`).
 """
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Recipe": "qjax.api", "Rule": "qjax.api", "Quantized": "qjax.api", "Loaded": "qjax.api",
-            "quantize_model": "qjax.api", "calibration_windows": "qjax.api", "load": "qjax.api", "save": "qjax.api",
-            "load_recipe": "qjax.api", "dump_recipe": "qjax.api", "InputError": "qjax.errors"}
+_EXPORTS = {"Recipe": "qjax.api", "Rule": "qjax.api", "Quantized": "qjax.api", "quantize_model": "qjax.api",
+            "load_recipe": "qjax.api", "dump_recipe": "qjax.api",
+            "Calibration": "qjax.calibration", "calibration_windows": "qjax.calibration",
+            "Loaded": "qjax.io.quantized", "load": "qjax.io.quantized", "save": "qjax.io.quantized",
+            "perplexity": "qjax.evaluation.perplexity", "InputError": "qjax.core.errors"}
 
 __all__ = sorted(_EXPORTS)
 

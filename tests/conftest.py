@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 import hf_reference
-from qjax import assets
+from qjax.io import assets
 
 
 @pytest.fixture(scope="session")

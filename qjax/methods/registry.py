@@ -6,7 +6,7 @@ the one signature every weight method shares::
 ``rules`` is either a config (quantize every still-dense weight its ``targets`` regexes match, the method's own
 default) or a mapping ``{parameter path: config}`` (what a :class:`qjax.api.Recipe` resolves: mixed precision
 within one method); :func:`as_assignment` turns either into the mapping. ``report`` is a
-:class:`qjax.calibration.CalibrationReport` for calibrated methods, else ``None``. The registry is filled when the
+:class:`qjax.calibration.layerwise.CalibrationReport` for calibrated methods, else ``None``. The registry is filled when the
 method modules are imported (:mod:`qjax.methods` imports them all) and never changes afterwards.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping
 
-from qjax import tree
-from qjax.errors import InputError
-from qjax.progress import bar as progress_bar
-from qjax.qarray import is_quantized
+from qjax.core import tree
+from qjax.core.errors import InputError
+from qjax.core.formats.base import is_quantized
+from qjax.core.progress import bar as progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,13 +115,14 @@ def quantize_each(params, assignment: Mapping[str, object], quantize_weight, *, 
 class KVCacheSetup:
   """A quantized KV cache ready to use (what a KV method's ``setup`` returns): the cache factory for generation,
   the quantized-past hook for cache-free evaluation, the closed-form stored bits per cached element, and the
-  fitted calibration (KVQuant; saved with checkpoints)."""
+  fitted calibration (KVQuant; saved with checkpoints) and the report of fitting it (``None`` when reused)."""
   name: str
   config: object
   cache_factory: Callable
   past_hook: Callable
   effective_bits: float
   calibration: object = None
+  report: object = None
 
   def describe(self) -> str:
     return f"{self.name} ({self.effective_bits:.2f} bits per cached element)"

@@ -1,16 +1,18 @@
-"""Flax LLaMA and OPT causal LMs, Hugging Face loading, KV caches.
+"""Flax LLaMA and OPT causal LMs, their declarative family maps and KV caches.
 
-``load(path)`` returns a :class:`CausalLM` (architecture + family map, no weights) and its parameter pytree.
+:class:`CausalLM` is an architecture (config, compute dtype, activation hooks; no weights); reading checkpoints
+into parameter pytrees is :mod:`qjax.io`.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-from qjax import hf_gptq
-from qjax.models import hf
-from qjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from qjax.core import tree
+from qjax.models.config import DTYPES, SUPPORTED_MODEL_TYPES, ModelConfig
 from qjax.models.families import FAMILIES, Family
 from qjax.models.layers import ActivationHooks
 from qjax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -18,7 +20,7 @@ from qjax.models.opt import OPTDecoderLayer, OPTForCausalLM
 
 _CLASSES = {"llama": (LlamaForCausalLM, LlamaDecoderLayer), "opt": (OPTForCausalLM, OPTDecoderLayer)}
 
-__all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "load", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "DTYPES", "SUPPORTED_MODEL_TYPES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +36,11 @@ class CausalLM:
 
   @property
   def module(self) -> nn.Module:
-    return _CLASSES[self.config.family][0](self.config, self.hooks, hf.DTYPES[self.dtype])
+    return _CLASSES[self.config.family][0](self.config, self.hooks, DTYPES[self.dtype])
 
   def layer_module(self) -> nn.Module:
     """One decoder layer as a standalone module: ``apply({"params": layer_params}, x, positions, mask)``."""
-    return _CLASSES[self.config.family][1](self.config, self.hooks, hf.DTYPES[self.dtype])
+    return _CLASSES[self.config.family][1](self.config, self.hooks, DTYPES[self.dtype])
 
   def apply(self, params, input_ids, attention_mask=None, positions=None, cache=None):
     """``(logits float32 [b, t, vocab], cache)``; see :class:`qjax.models.llama.LlamaForCausalLM`."""
@@ -48,14 +50,11 @@ class CausalLM:
     """Input of decoder layer 0 ``[b, t, hidden]`` for ``input_ids, positions [b, t]``."""
     return self.module.apply({"params": params}, input_ids, positions, method="embed")
 
+  def param_shapes(self) -> dict[str, tuple]:
+    """``{path: shape}`` of the parameters this architecture creates (no memory allocated)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    shapes = jax.eval_shape(lambda: self.module.init(jax.random.key(0), ids))["params"]
+    return {p: tuple(s.shape) for p, s in tree.flatten(shapes).items()}
+
   def with_hooks(self, hooks: ActivationHooks) -> "CausalLM":
     return dataclasses.replace(self, hooks=hooks)
-
-
-def load(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
-  """Loads a local HF folder (``config.json`` + safetensors) -> ``(model, params)``."""
-  config = ModelConfig.from_dir(path)
-  model = CausalLM(config, dtype)
-  loader = hf_gptq.load_gptq_params if hf_gptq.is_gptq_checkpoint(path) else hf.load_params
-  params = loader(path, hf.abstract_shapes(model.module, hf.DTYPES[dtype]), dtype, tied=config.tie_word_embeddings)
-  return model, params

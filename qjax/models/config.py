@@ -5,8 +5,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from qjax.errors import InputError
+import jax.numpy as jnp
 
+from qjax.core.errors import InputError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}  # compute dtypes by name
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "opt")
 
 

@@ -8,7 +8,7 @@ head_dim]`` are the new tokens' keys BEFORE RoPE and values, written at slots ``
 ``positions [batch, t]`` are their positions and ``rope(x, positions)`` the rotation (None for models without
 RoPE), so a cache may store keys after RoPE (dense, KIVI) or before (KVQuant quantizes pre-RoPE keys);
 ``k_all, v_all [batch, max_len, kv_heads, head_dim]`` (keys after RoPE) are what attention reads. Quantized
-caches (:mod:`qjax.methods.kivi`, :mod:`qjax.methods.kvquant`) implement the same method. The cache itself tracks ``length`` (slots filled, shared by the batch) and ``valid [batch, max_len]``
+caches (:mod:`qjax.methods.kv.kivi`, :mod:`qjax.methods.kv.kvquant`) implement the same method. The cache itself tracks ``length`` (slots filled, shared by the batch) and ``valid [batch, max_len]``
 (False for padding slots), from which the model builds the attention mask.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Flax Linen building blocks shared by the model families.
 
 Every parameter is declared with ``self.variable("params", ...)`` so a leaf may hold either a dense array or a
-:class:`~qjax.qarray.QArray` (a quantized linear weight): the Linen shape check of ``self.param`` would reject a
+:class:`~qjax.core.formats.qarray.QArray` (a quantized linear weight): the Linen shape check of ``self.param`` would reject a
 pytree leaf. Linear weights use the HF ``[out_features, in_features]`` layout.
 """
 from __future__ import annotations

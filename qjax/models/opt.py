@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from qjax.models import layers
 from qjax.models.attention import SelfAttention
-from qjax.models.decoder import CausalLMModule, DecoderLayerModule, run_decoder
 from qjax.models.config import ModelConfig
+from qjax.models.decoder import CausalLMModule, DecoderLayerModule, run_decoder
 
 POSITION_OFFSET = 2
 

@@ -12,7 +12,7 @@ import pytest
 
 from qjax.kernels.kv_attention import kv_attention
 from qjax.kernels.qmatmul import qmatmul
-from qjax.methods import rtn
+from qjax.methods.weights import rtn
 from qjax.models.kv_cache import KVCache
 
 QMATMUL_GRID = [dict(n_in=n_in, n_out=n_out, m=m, bits=bits, group_size=g, sym=sym)

@@ -8,8 +8,9 @@ import pytest
 from kernel_base import KVAttentionBase, QMatmulBase
 from qjax.kernels.dispatch import Op
 from qjax.kernels.qmatmul import OP, path_name
-from qjax.methods import rtn
-from qjax.qarray import QArray, QuantizedTensor
+from qjax.methods.weights import rtn
+from qjax.core.formats.base import QuantizedTensor
+from qjax.core.formats.qarray import QArray
 
 
 class TestQMatmulXLA(QMatmulBase):

@@ -1,7 +1,7 @@
 """Integer matmuls: W8A8 (``int8 x int8 -> int32`` ``dot_general``) and LLM.int8()'s mixed decomposition.
 
 W8A8 (:func:`w8a8_matmul`): the activation is quantized per token to signed int8 codes
-(:meth:`qjax.act_quant.TokenQuantizer.int8_codes`), the weight is an :class:`~qjax.int8.Int8Array`; with
+(:meth:`qjax.methods.activations.quantizers.TokenQuantizer.int8_codes`), the weight is an :class:`~qjax.core.formats.int8.Int8Array`; with
 ``x ~= sx * (qx - zx)`` and ``w[o] ~= sw[o] * (qw[o] - zw[o])``::
 
     y[t, o] = sx[t] sw[o] * (sum_k qx qw  -  zx[t] sum_k qw[o]  -  zw[o] sum_k qx[t]  +  K zx[t] zw[o])
@@ -20,8 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qjax import uniform
-from qjax.int8 import Int8Array, LLMInt8Array
+from qjax.core import uniform
+from qjax.core.formats.int8 import Int8Array, LLMInt8Array
 
 
 def _int_dot(a: jax.Array, b: jax.Array) -> jax.Array:

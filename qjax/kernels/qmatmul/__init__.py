@@ -1,5 +1,5 @@
 """``qmatmul(x, w, act=None)``: ``x @ W^T`` for a weight ``W [out, in]`` that is a dense array or a quantized
-tensor, with an optional activation quantizer ``act`` applied to ``x`` (see :mod:`qjax.act_quant`).
+tensor, with an optional activation quantizer ``act`` applied to ``x`` (see :mod:`qjax.methods.activations.quantizers`).
 
 The op folder: ``xla.py`` holds the reference per weight type (the spec); implementations for other platforms
 register with :data:`OP` (see :mod:`qjax.kernels.dispatch`) and fall back to the reference for what they do not
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import jax
 
-from qjax.int8 import Int8Array, LLMInt8Array
+from qjax.core.formats.base import QuantizedTensor
+from qjax.core.formats.int8 import Int8Array, LLMInt8Array
 from qjax.kernels.dispatch import Op
 from qjax.kernels.qmatmul import xla
 from qjax.kernels.qmatmul.xla import dense_matmul
-from qjax.qarray import QuantizedTensor
 
 __all__ = ["OP", "qmatmul", "path_name", "dense_matmul"]
 

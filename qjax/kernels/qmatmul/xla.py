@@ -2,10 +2,10 @@
 weight type; :mod:`qjax.kernels.qmatmul` registers them with the dispatcher.
 
 * dense weight: one ``dot_general`` (on the fake-quantized activation when ``act`` is given);
-* :class:`~qjax.int8.Int8Array` with an 8-bit per-token quantizer: the real ``int8 x int8 -> int32`` product
+* :class:`~qjax.core.formats.int8.Int8Array` with an 8-bit per-token quantizer: the real ``int8 x int8 -> int32`` product
   (:func:`qjax.kernels.int8_matmul.w8a8_matmul`), else emulated;
-* :class:`~qjax.int8.LLMInt8Array`: LLM.int8()'s mixed-precision decomposition (it quantizes its own input);
-* any other quantized tensor (:class:`~qjax.qarray.QArray`, SpQR, ...): "emulated", dequantize + matmul.
+* :class:`~qjax.core.formats.int8.LLMInt8Array`: LLM.int8()'s mixed-precision decomposition (it quantizes its own input);
+* any other quantized tensor (:class:`~qjax.core.formats.qarray.QArray`, SpQR, ...): "emulated", dequantize + matmul.
 
 Each function is ``f(x [..., in], w [out, in], act) -> [..., out]`` in ``x.dtype`` and carries ``f.path(w, act)``,
 the execution path's name for summaries.

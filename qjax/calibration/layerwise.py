@@ -1,0 +1,129 @@
+"""Layer-wise calibration shared by the calibration-based methods (GPTQ, SpQR, AWQ, SmoothQuant, ZeroQuant's LKD,
+KVQuant): :func:`walk_layers` visits the decoder layers in order with their calibration inputs,
+:func:`qjax.models.capture.collect_stats` accumulates per-linear input statistics with a scan, :func:`quantize_layerwise` is GPTQ's
+pipeline on top of them.
+
+As in the reference (GPTQ's ``llama_sequential``): the inputs of decoder layer 0 are captured for ``n`` windows of
+``seqlen`` tokens; then, layer by layer, each linear's Hessian ``H = (2 / n) sum_{windows, tokens} x x^T`` is
+accumulated in float32 with a ``lax.scan`` over the windows, the layer's linears are quantized, and the quantized
+layer is run on the same inputs to produce the next layer's inputs. Only the current layer's inputs and outputs
+are held (``2 * n * seqlen * hidden * 4`` bytes), never every layer's activations. With ``true_sequential`` the
+linears are quantized in the family's sub-groups (LLaMA ``[q,k,v] -> [o] -> [gate,up] -> [down]``), the inputs of
+each sub-group being recollected through the already quantized earlier sub-groups.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.calibration.memory import activation_bytes, check_memory_budget, peak_host_bytes
+from qjax.calibration.reports import CalibrationReport, LayerReport
+from qjax.core import tree
+from qjax.core.progress import bar as progress_bar
+from qjax.models import CausalLM, capture
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Calibration:
+  """Calibration data for one model, token ``windows [n, seqlen]`` int32, and the layer-wise pipeline over it.
+
+  Methods receive this object as their ``calibration`` and drive the pipeline through its methods
+  (:meth:`walk`, :meth:`quantize_layerwise`) rather than importing this package, so the engine that walks the
+  layers (one device today; sharded or streaming later) can change without touching a method.
+  """
+  model: CausalLM
+  windows: np.ndarray
+
+  def with_model(self, model: CausalLM) -> "Calibration":
+    """The same windows for another view of the model (other hooks or dtype)."""
+    return dataclasses.replace(self, model=model)
+
+  def walk(self, params, process: "LayerFn", *, propagate: str = "new", progress: bool = True,
+           desc: str = "calibrate"):
+    """:func:`walk_layers` over these windows."""
+    return walk_layers(params, self, process, propagate=propagate, progress=progress, desc=desc)
+
+  def quantize_layerwise(self, params, quantize_linear: "QuantizeLinear", *, targets: tuple[str, ...],
+                         true_sequential: bool = False, progress: bool = True, desc: str = "calibrate"):
+    """:func:`quantize_layerwise` over these windows."""
+    return quantize_layerwise(params, self, quantize_linear, targets=targets, true_sequential=true_sequential,
+                              progress=progress, desc=desc)
+
+
+LayerFn = Callable[[int, str, dict, jax.Array], tuple[dict, dict[str, float]]]
+
+
+def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate: str = "new",
+                progress: bool = True, desc: str = "calibrate"):
+  """Runs ``process`` on every decoder layer in order, feeding each layer the calibration activations.
+
+  ``process(i, prefix, layer_params, x [n, T, hidden]) -> (new_layer_params, losses)`` sees the layer's
+  parameters (paths relative to ``prefix``, e.g. ``self_attn/q_proj/weight``) and its inputs. The next layer's
+  inputs are the outputs of the new layer (``propagate="new"``, GPTQ's quantized-prefix order) or of the
+  float layer (``"fp"``, the teacher's hidden states, as LKD uses). Returns ``(params, CalibrationReport)``; the
+  report has each layer's relative output error ``||new(x) - fp(x)||^2 / ||fp(x)||^2``. The input tree is not
+  modified.
+  """
+  if propagate not in ("new", "fp"):
+    raise ValueError(f"propagate must be 'new' or 'fp', got {propagate!r}")
+  model = calibration.model
+  fam = model.family
+  windows = jnp.asarray(calibration.windows, jnp.int32)
+  check_memory_budget(model, *windows.shape)
+  start = time.perf_counter()
+  flat = tree.flatten(params)
+  x = capture.embed_windows(model, params, windows)
+  reports = []
+  for i in progress_bar(range(model.config.num_layers), desc=desc, enabled=progress):
+    t0 = time.perf_counter()
+    prefix = fam.layer_path(i)
+    fp_layer = tree.subtree(flat, prefix)
+    layer, losses = process(i, prefix, fp_layer, x)
+    y = capture.run_layer(model, layer, x)
+    y_fp = y if layer is fp_layer else capture.run_layer(model, fp_layer, x)  # unchanged layers run once
+    rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
+    x = y if propagate == "new" else y_fp
+    del y, y_fp
+    for p, v in tree.flatten(layer).items():
+      flat[f"{prefix}/{p}"] = v
+    reports.append(LayerReport(i, time.perf_counter() - t0, rel, losses))
+  report = CalibrationReport(tuple(reports), time.perf_counter() - start, peak_host_bytes(),
+                             activation_bytes(model, *windows.shape))
+  return tree.unflatten(flat), report
+
+
+QuantizeLinear = Callable[[str, jax.Array, jax.Array], tuple[object, float]]
+
+
+def quantize_layerwise(params, calibration: Calibration, quantize_linear: QuantizeLinear, *,
+                       targets: tuple[str, ...], true_sequential: bool = False, progress: bool = True,
+                       desc: str = "calibrate"):
+  """Quantizes the decoder linears matching ``targets`` layer by layer (:func:`walk_layers`).
+
+  ``quantize_linear(path, w [out, in], H [in, in]) -> (QArray, loss)`` is the method's per-matrix core.
+  Returns the new parameter tree and a :class:`CalibrationReport`.
+  """
+  model = calibration.model
+  fam = model.family
+  groups = fam.sequential if true_sequential else (tuple(r for r, _ in fam.linears),)
+
+  def process(i, prefix, layer, x):
+    losses = {}
+    for group in groups:
+      names = capture.layer_linears(model, prefix, targets, group)
+      if not names:
+        continue
+      stats = capture.collect_stats(model, layer, x, names)
+      new = {}
+      for n in names:
+        new[f"{n}/weight"], losses[n] = quantize_linear(f"{prefix}/{n}/weight", tree.flatten(layer)[f"{n}/weight"],
+                                                        stats[n]["hessian"])
+      layer = tree.replace(layer, new, lambda p, _: new[p])
+    return layer, losses
+
+  return walk_layers(params, calibration, process, progress=progress, desc=desc)

@@ -1,0 +1,120 @@
+"""Shared command-line plumbing: one-line errors with exit status 2, model loading from ``--model``/``--load``,
+the quantization flags, summary tables and atomic JSON output."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qjax import models
+from qjax.core.errors import InputError
+from qjax.io import assets, checkpoint, hf, hf_gptq
+
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with a one-line error message (no usage dump) and exit status 2."""
+
+  def error(self, message):
+    self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def run_guarded(fn, argv, prog: str) -> int:
+  """Runs ``fn(argv)``; bad input becomes ``prog: error: ...`` on stderr and exit status 2, no traceback."""
+  try:
+    return fn(argv) or 0
+  except InputError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
+def given_flags(parser: argparse.ArgumentParser, argv, args) -> frozenset[str]:
+  """The option destinations the user set on the command line (even to their default value): ``argv`` parsed
+  again into a namespace pre-filled with sentinels (argparse only fills in defaults that are absent), so a
+  destination still holding its sentinel was not given."""
+  unset = object()
+  sentinels = {k: [] if isinstance(v, list) else unset for k, v in vars(args).items()}
+  ns = parser.parse_args(sys.argv[1:] if argv is None else argv, namespace=argparse.Namespace(**sentinels))
+  return frozenset(k for k, v in vars(ns).items() if v is not sentinels[k])
+
+
+_FLAG_NAMES = {"sym_act": "--sym-act/--asym", "act_order": "--act-order/--no-act-order",
+               "static_groups": "--static-groups/--no-static-groups"}
+
+
+def flag(dest: str) -> str:
+  """The command-line spelling of an option destination (``kv_bits`` -> ``--kv-bits``)."""
+  return _FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
+
+
+def check_scopes(given: frozenset[str], scopes):
+  """Refuses flags that would be accepted and do nothing: ``scopes`` is an iterable of ``(dests, applies,
+  needs)``; when ``applies`` is false and the user set one of ``dests``, the error says it needs ``needs``."""
+  for dests, applies, needs in scopes:
+    used = [flag(d) for d in dests if d in given]
+    if used and not applies:
+      raise InputError(f"{', '.join(used)} {'has' if len(used) == 1 else 'have'} no effect without {needs}")
+
+
+def add_model_args(p: argparse.ArgumentParser):
+  src = p.add_mutually_exclusive_group()
+  src.add_argument("--model", help="Hugging Face model folder (default: assets stories260K)")
+  src.add_argument("--load", help="a checkpoint saved by qjax (--save)")
+  p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES), help="compute dtype")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def model_dir(args) -> Path:
+  """The folder holding config.json and tokenizer files."""
+  return Path(args.load) if args.load else Path(args.model) if args.model else assets.asset(assets.DEFAULT_MODEL)
+
+
+def model_config(args):
+  """The architecture (``config.json``) of the ``--model``/``--load`` source, or None when it has none (the
+  loader then reports the problem)."""
+  d = model_dir(args)
+  return models.ModelConfig.from_dir(d) if (d / "config.json").is_file() else None
+
+
+def load_model(args):
+  """``(CausalLM, params, meta)``. ``meta`` describes an already quantized source: the checkpoint metadata with
+  ``--load`` (``meta["loaded"] = "qjax checkpoint"``), or for an HF GPTQ folder given as ``--model`` a
+  ``method`` entry built from its ``quantization_config`` (``meta["loaded"] = "HF GPTQ checkpoint"``); ``None``
+  for a float model."""
+  d = model_dir(args)
+  if args.load:
+    meta = checkpoint.read_meta(d)
+    model = models.CausalLM(models.ModelConfig.from_dir(d), meta["dtype"])
+    params, meta = checkpoint.load_params(d)
+    return model, params, {**meta, "loaded": "qjax checkpoint"}
+  model, params = hf.load_model(d, args.dtype)
+  qc = hf_gptq.quantization_config_of(d)
+  if qc is None:
+    return model, params, None
+  config = {k: qc.get(k) for k in ("bits", "group_size", "sym", "desc_act", "checkpoint_format")}
+  return model, params, {"method": {"name": "hf-gptq", "config": config}, "loaded": "HF GPTQ checkpoint"}
+
+
+def write_json(path, obj):
+  """Atomic JSON write (temporary file + rename; missing parent folders created)."""
+  with checkpoint.atomic_file(path) as f:
+    json.dump(obj, f, indent=1)
+
+
+def format_table(headers, rows) -> str:
+  cells = [list(map(str, headers))] + [[_fmt(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  sep = "  ".join("-" * w for w in widths)
+  return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _fmt(c):
+  if isinstance(c, float):
+    return f"{c:.4g}" if abs(c) < 1e4 else f"{c:,.0f}"
+  return str(c)

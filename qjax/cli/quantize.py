@@ -1,0 +1,233 @@
+"""``python -m qjax.quantize``: quantize a LLaMA/OPT checkpoint, evaluate perplexity, save, summarize.
+
+Example (the ``make demo`` run)::
+
+    python -m qjax.quantize --method rtn --wbits 4 --groupsize 32 --baseline --ppl-datasets tinystories,wikitext2
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from qjax import api
+from qjax.cli import activations as act_cli
+from qjax.cli import common as cli
+from qjax.cli import kv as kv_cli
+from qjax.cli import recipe
+from qjax.core.errors import InputError
+from qjax.evaluation import perplexity, size
+from qjax.io import assets, checkpoint, hf_gptq
+from qjax.io import text as data
+from qjax.methods.weights import spqr
+
+PROG = "python -m qjax.quantize"
+
+
+def build_parser() -> cli.Parser:
+  p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
+  cli.add_model_args(p)
+  recipe.add_args(p)
+  p.add_argument("--eval", default="ppl", choices=("ppl", "none"), help="evaluation to run")
+  p.add_argument("--ppl-datasets",
+                 help=f"comma-separated named texts ({', '.join(assets.PPL_DATASETS)}) or 'none' (default "
+                      f"tinystories unless --ppl-text is given)")
+  p.add_argument("--ppl-text", action="append", default=[], metavar="FILE", help="a text file to score (repeatable)")
+  p.add_argument("--seqlen", type=int, help="perplexity window (default 2048 capped at the model context)")
+  p.add_argument("--eval-nsamples", type=int, help="score only the first N windows")
+  p.add_argument("--batch-size", type=int, help="windows per forward call (default: fits 256 MB of logits)")
+  p.add_argument("--baseline", action="store_true", help="also evaluate the unquantized model")
+  p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
+  p.add_argument("--export-gptq", metavar="DIR",
+                 help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn, gptq or awq")
+  p.add_argument("--overwrite", action="store_true", help="allow --save/--json to replace existing paths")
+  p.add_argument("--json", help="write the results as JSON to this file")
+  p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  return p
+
+
+def _texts(args) -> dict[str, Path]:
+  out = {}
+  datasets = args.ppl_datasets if args.ppl_datasets is not None else "none" if args.ppl_text else "tinystories"
+  names = [] if datasets in ("", "none") else datasets.split(",")
+  for name in names:
+    out[name] = assets.named_text(name.strip(), assets.PPL_DATASETS)
+  for f in args.ppl_text:
+    if not Path(f).is_file():
+      raise InputError(f"--ppl-text file {f} does not exist")
+    out[Path(f).name] = Path(f)
+  if args.eval == "ppl" and not out:
+    raise InputError("--eval ppl needs at least one of --ppl-datasets / --ppl-text")
+  return out
+
+
+def _validate(args, given):
+  model_config = cli.model_config(args)
+  recipe.validate(args, given, model_config)
+  cli.check_scopes(given, [(("ppl_datasets", "ppl_text", "seqlen", "eval_nsamples", "batch_size", "baseline"),
+                            args.eval == "ppl", "--eval ppl")])
+  if args.seqlen is not None and args.seqlen < 2:
+    raise InputError(f"--seqlen must be at least 2, got {args.seqlen}")
+  if args.eval_nsamples is not None and args.eval_nsamples < 1:
+    raise InputError(f"--eval-nsamples must be positive, got {args.eval_nsamples}")
+  if args.batch_size is not None and args.batch_size < 1:
+    raise InputError(f"--batch-size must be positive, got {args.batch_size}")
+  if args.baseline and args.load:
+    raise InputError("--baseline needs the unquantized model: use --model, not --load")
+  if not args.load and args.method != "none" and hf_gptq.is_gptq_checkpoint(cli.model_dir(args)):
+    raise InputError(f"{cli.model_dir(args)} is an HF GPTQ checkpoint (already quantized): evaluate it with "
+                     f"--method none, or quantize its float source model")
+  if args.save:
+    checkpoint.check_destination(args.save, args.overwrite, "--save folder")
+  if args.export_gptq:
+    if args.method not in ("rtn", "gptq", "awq"):
+      raise InputError("--export-gptq needs --method rtn, gptq or awq")
+    checkpoint.check_destination(args.export_gptq, args.overwrite, "--export-gptq folder")
+  if args.json:
+    checkpoint.check_destination(args.json, args.overwrite, "--json file")
+
+
+def run(argv=None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  given = cli.given_flags(parser, argv, args)
+  _validate(args, given)
+  texts = _texts(args) if args.eval == "ppl" else {}
+  model, params, meta = cli.load_model(args)
+  seqlen = args.seqlen or min(2048, model.config.max_position_embeddings)
+  if seqlen > model.config.max_position_embeddings:
+    raise InputError(f"--seqlen {seqlen} exceeds the model context ({model.config.max_position_embeddings})")
+  tok = data.load_tokenizer(cli.model_dir(args))
+  tokens = {}
+  for name, path in texts.items():
+    tokens[name] = data.tokenize(tok, data.read_text(path))
+    if len(tokens[name]) < seqlen:  # fail before any long work
+      raise InputError(f"text {name!r} ({path}) has {len(tokens[name])} tokens, fewer than one window of seqlen "
+                       f"{seqlen}")
+  source_dir = cli.model_dir(args)
+  saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
+  q = recipe.apply(args, given, model, params, meta, tok, not args.no_progress, saved_kv)
+  qparams, act, cfg, method = q.params, q.act, q.config, q.method
+
+  def evaluate(m, p, tag):
+    return {n: perplexity.perplexity(m, p, t, seqlen, args.eval_nsamples, args.batch_size,
+                                     not args.no_progress, f"ppl {n} ({tag})") for n, t in tokens.items()}
+
+  results = evaluate(q.model, qparams, "quantized" if q.quantized else "fp")
+  baseline = evaluate(model, q.float_params, "fp") if args.baseline else {}
+  if args.save:
+    checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
+                    overwrite=args.overwrite, recipe=q.recipe.to_dict(),
+                    kv_calibration=q.kv.calibration.to_dict() if q.kv and q.kv.calibration else None)
+  if args.save_recipe:
+    with checkpoint.atomic_file(args.save_recipe) as f:
+      f.write(api.dump_recipe(q.recipe, args.save_recipe))
+  exported = _export_gptq(args, cfg, qparams, source_dir) if args.export_gptq else None
+  rep = size.size_report(qparams)
+  paths = act_cli.matmul_paths(model, qparams, act)
+  tps = {n: r.tokens_per_second for n, r in results.items()}
+  out = {
+      "ppl": {n: r.ppl for n, r in results.items()},
+      "size": {"bits_per_weight": rep.bits_per_weight, "quantized_bytes": rep.quantized_bytes,
+               "fp16_bytes": rep.fp16_bytes, "compression_ratio": rep.compression,
+               "quantized_weights": rep.quantized_weights, "total_weights": rep.total_weights},
+      "timing": {"quantize_seconds": None if q.loaded else q.seconds,
+                 "eval_tokens_per_second": sum(tps.values()) / len(tps) if tps else None,
+                 "eval_tokens_per_second_by_dataset": tps},
+      "config": {**{k: v for k, v in vars(args).items() if k != "no_progress"}, "seqlen": seqlen,
+                 "model_dir": str(source_dir), "method": method, "matmul_path": ", ".join(paths),
+                 "activations": act_cli.describe(act, method["name"]), "loaded": q.loaded},
+      "protocol": perplexity.PROTOCOL,
+  }
+  if args.baseline:
+    out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
+  if "spqr" in q.q.reports:
+    out["size"]["spqr"] = dataclasses.asdict(spqr.bits_summary(qparams))
+  if q.q.rules:
+    out["rules"] = [r.to_dict() for r in q.q.rules]
+  out["recipe"] = q.recipe.to_dict()
+  if exported is not None:
+    out["export_gptq"] = exported
+  if q.kv is not None:
+    out["kv_cache"] = {**q.kv.to_dict(), "describe": q.kv.describe(),
+                       "semantics": "quantized past: each position attends to what the quantized cache holds when "
+                                    "that token is decoded token by token",
+                       **kv_cli.bytes_per_token(q.kv, model, seqlen)}
+  if q.smooth_report is not None:
+    out["smoothquant"] = {"seconds": q.smooth_report.seconds,
+                          "layers": [{"layer": l.layer, **l.linear_losses} for l in q.smooth_report.layers]}
+  if q.report is not None:
+    windows = q.calibration.windows.shape
+    out["calibration"] = {"nsamples": int(windows[0]), "seqlen": int(windows[1]), **q.report.to_dict()}
+  _print_summary(out, results, baseline, recipe.label(q, args), {p for _, p in model.family.linears})
+  if args.json:
+    cli.write_json(args.json, out)
+  return 0
+
+
+def _export_gptq(args, cfg, qparams, source_dir):
+  extra = ({"damp_percent": cfg.percdamp, "static_groups": cfg.static_groups, "true_sequential": cfg.true_sequential}
+           if args.method == "gptq" else None)
+  summary = hf_gptq.export_gptq(args.export_gptq, qparams, source_dir=source_dir, bits=cfg.bits,
+                                group_size=cfg.group_size, sym=cfg.sym,
+                                desc_act=args.method == "gptq" and cfg.act_order, overwrite=args.overwrite,
+                                extra_config=extra)
+  summary["path"] = str(summary["path"])
+  return summary
+
+
+def _print_summary(out, results, baseline, method, linears):
+  """Tables: per-layer calibration (linear losses summed; other per-layer figures, e.g. AWQ's alpha or LKD's
+  MSE, one column each), perplexity, size and paths."""
+  if "calibration" in out:
+    c = out["calibration"]
+    keys = {k for l in c["layers"] for k in l["linear_losses"]}
+    extra = sorted(keys - linears)
+    summed = ["sum of losses"] if keys & linears else []
+    print(cli.format_table(["layer", "rel. output error", *summed, *extra, "seconds"], [
+        [l["layer"], f"{l['output_rel_error']:.3e}",
+         *[f"{sum(v for k, v in l['linear_losses'].items() if k in linears):.4g}" for _ in summed],
+         *[l["linear_losses"].get(k, "-") for k in extra], f"{l['seconds']:.2f}"] for l in c["layers"]]))
+    print(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['seconds']:.1f} s, activations "
+          f"{c['activation_bytes'] / 2**20:.1f} MiB, peak host memory {c['peak_host_bytes'] / 2**30:.2f} GiB\n")
+  rows = []
+  for n, r in results.items():
+    b = baseline.get(n)
+    rows.append([n, r.seqlen, len(r.nll), b.ppl if b else "-", r.ppl,
+                 f"{(r.ppl / b.ppl - 1) * 100:+.2f}%" if b else "-", f"{r.tokens_per_second:,.0f}"])
+  if rows:
+    label = "ppl" if method == "none" else f"{method} ppl"
+    print(cli.format_table(["dataset", "seqlen", "windows", "fp ppl", label, "delta", "eval tok/s"], rows))
+    print()
+  s, t = out["size"], out["timing"]
+  if len(out.get("rules", ())) > 1:
+    print(cli.format_table(["rule", "method", "weights", "bits / weight"], [
+        [r["pattern"], r["method"] or "float", r["weights"],
+         "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"] for r in out["rules"]]))
+    print()
+  if "export_gptq" in out:
+    print("\n".join(hf_gptq.summary_lines(out["export_gptq"])) + "\n")
+  print(cli.format_table(["model", "value"], [
+      ["method", method],
+      ["activations", out["config"]["activations"]],
+      *([["KV cache", out["kv_cache"]["describe"]],
+         ["KV cache bytes / token", f"{out['kv_cache']['bytes_per_token']:,.0f} (dense "
+                                   f"{out['kv_cache']['dense_bytes_per_token']:,.0f})"]] if "kv_cache" in out else []),
+      ["matmul path", out["config"]["matmul_path"]],
+      ["fp16-equivalent bytes", f"{s['fp16_bytes']:,}"],
+      ["quantized bytes", f"{s['quantized_bytes']:,}"],
+      ["bits / quantized weight", f"{s['bits_per_weight']:.3f}"],
+      *([["SpQR average bits (paper formula)", f"{s['spqr']['average_bits']:.3f}"],
+         ["SpQR outliers", f"{s['spqr']['outliers']:,}"]] if "spqr" in s else []),
+      ["compression vs fp16", f"{s['compression_ratio']:.2f}x"],
+      ["quantize time", f"- (loaded {out['config']['loaded']}, quantized before this run)"
+       if out["config"]["loaded"] else f"{t['quantize_seconds']:.2f} s"],
+  ]))
+
+
+def main(argv=None) -> int:
+  return cli.run_guarded(run, argv, PROG)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

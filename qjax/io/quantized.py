@@ -1,0 +1,51 @@
+"""Loading any model folder into a :class:`Loaded` record, and saving a :class:`~qjax.api.pipeline.Quantized`
+model as a qjax checkpoint with its recipe."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from qjax.api.pipeline import Quantized, method_record
+from qjax.api.recipe import Recipe
+from qjax.io import checkpoint, hf, hf_gptq
+from qjax.io import text as data
+from qjax.models import CausalLM, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """What :func:`load` returns: the architecture, the parameters (float, or quantized for a checkpoint), the
+  tokenizer, and for an already quantized source its metadata (``None`` for a float model)."""
+  model: CausalLM
+  params: dict
+  tokenizer: object
+  meta: dict | None = None
+
+  @property
+  def recipe(self) -> Recipe | None:
+    """The recipe a qjax checkpoint was made with (None when it records none)."""
+    d = (self.meta or {}).get("recipe")
+    return None if d is None else Recipe.from_dict(d)
+
+
+def load(path, dtype: str = "float32") -> Loaded:
+  """A model folder: a qjax checkpoint (``qjax.json``: quantized tensors rebuilt from qjax's own types only), an
+  HF folder (float safetensors, or an HF GPTQ checkpoint as QArrays)."""
+  path = Path(path)
+  if (path / "qjax.json").is_file():
+    meta = checkpoint.read_meta(path)
+    model = CausalLM(ModelConfig.from_dir(path), meta["dtype"])
+    params, meta = checkpoint.load_params(path)
+    return Loaded(model, params, data.load_tokenizer(path), meta)
+  model, params = hf.load_model(path, dtype)
+  qc = hf_gptq.quantization_config_of(path)
+  meta = None if qc is None else {"method": {"name": "hf-gptq", "config": qc}}
+  return Loaded(model, params, data.load_tokenizer(path), meta)
+
+
+def save(q: Quantized, path, *, source_dir, overwrite: bool = False) -> Path:
+  """Writes ``q`` as a qjax checkpoint (atomically; the recipe, and a KVQuant calibration, travel with it);
+  ``source_dir``: the float model's folder (its config and tokenizer files are copied)."""
+  return checkpoint.save(path, q.params, source_dir=source_dir, dtype=q.model.dtype, method=method_record(q),
+                         overwrite=overwrite, recipe=q.recipe.to_dict(),
+                         kv_calibration=q.kv.calibration.to_dict() if q.kv and q.kv.calibration else None)

@@ -1,0 +1,93 @@
+"""Running one decoder layer on calibration windows and looking inside it: the building blocks every layer-wise
+method uses (the calibration pipeline that walks the layers is :mod:`qjax.calibration`).
+
+``x [n, T, hidden]`` holds ``n`` windows of ``T`` tokens; each window is run separately (``lax.map`` /
+``lax.scan``), so memory stays one window's activations however large ``n`` is.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qjax.core import tree
+from qjax.models import CausalLM, layers
+from qjax.models.decoder import window_inputs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_windows(model, params, ids):
+  positions, _ = window_inputs(ids.shape[1])
+  return jax.lax.map(lambda row: model.embed(params, row[None], positions)[0], ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def run_layer(model, layer_params, x):
+  """Decoder layer on each calibration window: ``x [n, T, hidden] -> [n, T, hidden]``."""
+  positions, mask = window_inputs(x.shape[1])
+  mod = model.layer_module()
+  return jax.lax.map(lambda xi: mod.apply({"params": layer_params}, xi[None], positions, mask)[0][0], x)
+
+
+STATS = ("hessian", "absmax", "absmean")
+
+
+def capture_linears(model, layer_params, x, names, *, outputs: bool = False) -> dict:
+  """Runs one decoder layer on one window ``x [T, hidden]`` and returns ``{name: array [T, features]}``: the
+  input (or, with ``outputs``, the output) of each linear at the relative paths ``names`` (a Flax method
+  interceptor; nothing else is kept). Call it inside a scan over windows."""
+  positions, mask = window_inputs(x.shape[0])
+  captured = {}
+
+  def grab(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    name = "/".join(context.module.path)
+    if isinstance(context.module, layers.Linear) and context.method_name == "__call__" and name in names:
+      captured[name] = (y if outputs else args[0])[0]
+    return y
+
+  with nn.intercept_methods(grab):
+    model.layer_module().apply({"params": layer_params}, x[None], positions, mask)
+  return captured
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[str, ...] = ("hessian",)):
+  """``{name: {kind: stat}}`` float32 for the layer's linears at relative paths ``names`` (``mlp/up_proj``).
+
+  Statistics of each linear's input ``x`` over all windows and tokens, accumulated with a scan over the ``n``
+  windows of ``x`` (no activation is stored): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
+  ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ).
+  """
+  update = {"hessian": lambda acc, a: acc + a.T @ a,
+            "absmax": lambda acc, a: jnp.maximum(acc, jnp.max(jnp.abs(a), axis=0)),
+            "absmean": lambda acc, a: acc + jnp.sum(jnp.abs(a), axis=0)}
+
+  def body(acc, xi):
+    captured = capture_linears(model, layer_params, xi, names)
+    captured = {n: a.reshape(-1, a.shape[-1]).astype(jnp.float32) for n, a in captured.items()}
+    return {n: {k: update[k](acc[n][k], captured[n]) for k in kinds} for n in acc}, None
+
+  def zeros(n, kind):
+    d = _in_features(layer_params, n)
+    return jnp.zeros((d, d) if kind == "hessian" else (d,), jnp.float32)
+
+  acc, _ = jax.lax.scan(body, {n: {k: zeros(n, k) for k in kinds} for n in names}, x)
+  scale = {"hessian": 2.0 / x.shape[0], "absmax": 1.0, "absmean": 1.0 / (x.shape[0] * x.shape[1])}
+  return {n: {k: v * scale[k] for k, v in s.items()} for n, s in acc.items()}
+
+
+def _in_features(layer_params, name):
+  w = tree.flatten(layer_params)[f"{name}/weight"]
+  return w.shape[1]
+
+
+def layer_linears(model: CausalLM, prefix: str, targets: tuple[str, ...], roles) -> tuple[str, ...]:
+  """Paths (relative to the layer) of the linears among ``roles`` whose weights match ``targets``."""
+  fam = model.family
+  regs = [re.compile(t) for t in targets]
+  return tuple(fam.linear_path(r) for r in roles
+               if any(rg.fullmatch(f"{prefix}/{fam.linear_path(r)}/weight") for rg in regs))
