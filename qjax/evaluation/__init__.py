@@ -1,1 +1,1 @@
-"""TODO"""
+"""Measuring models: perplexity, KV-cache generation, and stored size."""
