@@ -200,7 +200,7 @@ def bench_model(name, path, windows, repeats, groups):
   res = {}
   for g in groups:
     gname = f"g{g}" if g > 0 else "perchannel"
-    cfg = qgptq.GPTQConfig(bits=4, group_size=g, scale_dtype="float32")
+    cfg = qgptq.GPTQConfig(bits=4, group_size=g, act_order=False, scale_dtype="float32")
     calib = calibration.Calibration(model, windows)
     r = {"qjax_rounds_s": [], "torch_rounds_s": []}
 

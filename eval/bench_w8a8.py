@@ -50,7 +50,7 @@ def main(argv=None):
   import transformers
   from transformers import AutoModelForCausalLM
 
-  from qjax.cli import activations as act_cli
+  from qjax.core.formats.int8 import to_int8
   from qjax.evaluation import perplexity
   from qjax.io import assets
   from qjax.io import text as data
@@ -71,7 +71,7 @@ def main(argv=None):
   tq = torch.ao.quantization.quantize_dynamic(tm, decoder_linears, dtype=torch.qint8, inplace=False)
   q = rtn.quantize(params, rtn.RTNConfig(bits=8, scale_dtype="float32"), progress=False)[0]
   a8 = model.with_hooks(act_quant.ActQuantConfig(bits=8).hooks())
-  qjax_runs = {"qjax_fp32": (model, params), "qjax_w8a8_fake": (a8, q), "qjax_w8a8_int8": (a8, act_cli.to_int8(q))}
+  qjax_runs = {"qjax_fp32": (model, params), "qjax_w8a8_fake": (a8, q), "qjax_w8a8_int8": (a8, to_int8(q))}
   torch_runs = {"torch_fp32": tm, "torch_dynamic_int8": tq}
   best, ppl = {}, {}
   log(f"[llama8x512] {len(w)} windows x {args.seqlen} tokens, batch {args.batch_size}, {args.repeats} rounds")
@@ -100,7 +100,7 @@ def main(argv=None):
           "qjax_int8_vs_torch_dynamic_int8": best["qjax_w8a8_int8"] / best["torch_dynamic_int8"]},
       "ppl_rel_diff_int8_vs_fake": abs(ppl["qjax_w8a8_int8"] / ppl["qjax_w8a8_fake"] - 1),
       "weight_bytes": {"fp32": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
-                       "int8": sum(x.nbytes for x in jax.tree_util.tree_leaves(act_cli.to_int8(q)))},
+                       "int8": sum(x.nbytes for x in jax.tree_util.tree_leaves(to_int8(q)))},
   }
   print(json.dumps(out, indent=1))
 

@@ -69,16 +69,16 @@ def main(argv=None):
   p.add_argument("--kv-methods", default="fp,kivi-2,kivi-4,kvquant-4", help="fp, kivi-B, kvquant-B, ...")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--png", help="write a heatmap per method to this PNG file")
-  from qjax.cli import kv as kv_cli
-  kv_cli.add_args(p)
   p.add_argument("--calib-dataset", default="tinystories", help="KVQuant calibration text (named)")
   args = p.parse_args(argv)
 
   from qjax import api
+  from qjax.calibration import calibration_windows
   from qjax.evaluation import generation
   from qjax.io import assets
   from qjax.io import text as data
   from qjax.io.hf import load_model
+  from qjax.methods import registry
   from qjax.models.kv_cache import KVCache
   path = args.model or assets.asset(assets.DEFAULT_MODEL)
   model, params = load_model(path)
@@ -96,8 +96,11 @@ def main(argv=None):
     method, _, bits = spec.partition("-")
     factory, effective_bits = KVCache.dense, 32.0
     if method != "fp":
-      cfg = kv_cli.config(method, int(bits), args)
-      windows = kv_cli.calibration_windows(args, model, tok, cfg) if method == "kvquant" else None
+      cfg = registry.kv_methods()[method].config_type(bits=int(bits))
+      windows = None
+      if registry.kv_methods()[method].needs_calibration:
+        calib = data.tokenize(tok, data.read_text(assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)))
+        windows = calibration_windows(model, calib, cfg.nsamples, cfg.seqlen, args.seed)
       kv = api.quantize_model(model, params, api.Recipe(kv=cfg), kv_calibration=windows).kv
       factory, effective_bits = kv.cache_factory, kv.effective_bits
     gen = generation.Generator(model, params, tok, cache_factory=factory)

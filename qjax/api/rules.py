@@ -14,10 +14,19 @@ from qjax.models.families import DECODER_LINEARS
 
 
 def weight_candidates(params) -> list[str]:
-  """Paths a weight rule may quantize: every still-dense 2-D ``.../weight`` leaf except embeddings."""
+  """Paths a weight rule may quantize: every still-dense 2-D ``.../weight`` leaf (embeddings included; see
+  :func:`match_rules` for how a rule reaches them)."""
   flat = tree.flatten(params)
-  return [p for p, v in flat.items() if p.endswith("/weight") and not is_quantized(v) and np.ndim(v) == 2
-          and "embed" not in p.rsplit("/", 2)[-2]]
+  return [p for p, v in flat.items() if p.endswith("/weight") and not is_quantized(v) and np.ndim(v) == 2]
+
+
+def _is_embedding(path: str) -> bool:
+  return "embed" in path.rsplit("/", 2)[-2]
+
+
+def _names_embeddings(pattern: str) -> bool:
+  """Whether a rule names embeddings: its pattern spells ``embed`` (a catch-all such as ``.*`` does not)."""
+  return "embed" in pattern
 
 
 def match_rules(params, rules: tuple[Rule, ...]) -> dict[str, Rule]:
@@ -28,7 +37,9 @@ def match_rules(params, rules: tuple[Rule, ...]) -> dict[str, Rule]:
   regs = [re.compile(r.pattern) for r in rules]
   matched = {}
   for p in candidates:
-    i = next((i for i, rg in enumerate(regs) if rg.fullmatch(p)), None)
+    emb = _is_embedding(p)
+    i = next((i for i, rg in enumerate(regs) if rg.fullmatch(p) and (not emb or _names_embeddings(rules[i].pattern))),
+             None)
     if i is not None:
       matched[p] = rules[i]
   taken = {id(r) for r in matched.values()}

@@ -47,8 +47,8 @@ def scopes(args):
           (("outlier_factor", "outlier_norms"), args.plant_outliers > 0, "--plant-outliers N")]
 
 
-def validate(args):
-  """Checks that need no model."""
+def validate(args, weight_config=None):
+  """Checks that need no model (``weight_config``: the weight method's config the flags built)."""
   if args.smoothquant and args.method == "none" and args.abits == 16:
     raise InputError("--smoothquant alone only rescales the model (function-preserving, the same outputs): combine "
                      "it with a weight method (--method) and/or activation bits (--abits)")
@@ -63,9 +63,9 @@ def validate(args):
       raise InputError("--int8-kernel needs --abits 8 with per-token ranges (--act-groupsize -1)")
     if args.method not in ("rtn", "gptq", "zeroquant"):
       raise InputError("--int8-kernel needs 8-bit weights from --method rtn, gptq or zeroquant")
-    if args.method in ("rtn", "gptq") and (args.wbits != 8 or args.groupsize != -1):
+    if args.method in ("rtn", "gptq") and (weight_config.bits != 8 or weight_config.group_size != -1):
       raise InputError("--int8-kernel needs --wbits 8 and per-channel weights (--groupsize -1)")
-    if args.method == "gptq" and args.act_order:
+    if args.method == "gptq" and weight_config.act_order:
       raise InputError("--int8-kernel needs weights in natural column order (no --act-order)")
   if args.method == "zeroquant" and (args.act_groupsize != -1 or args.quantize_attention_matmuls or args.sym_act):
     raise InputError("ZeroQuant quantizes linear inputs per token with symmetric absmax levels: drop "

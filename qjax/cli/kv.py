@@ -11,77 +11,50 @@ import dataclasses
 import jax.numpy as jnp
 
 from qjax import calibration
+from qjax.cli import options
 from qjax.core.errors import InputError
 from qjax.evaluation.generation import cache_bytes_per_token
 from qjax.io import assets
 from qjax.io import text as data
+from qjax.methods import registry
 from qjax.methods.kv import kivi, kvquant
 from qjax.models import CausalLM
 from qjax.models.kv_cache import KVCache
 
-KV_METHODS = ("none", "kivi", "kvquant")
+
+def _configs() -> dict[str, type]:
+  """``{method name: config type}`` of every registered KV-cache method."""
+  return {name: m.config_type for name, m in registry.kv_methods().items()}
 
 
 def add_args(p: argparse.ArgumentParser):
   g = p.add_argument_group("KV-cache quantization")
-  g.add_argument("--kv-method", choices=KV_METHODS,
+  g.add_argument("--kv-method", choices=("none", *registry.kv_methods()),
                  help="quantized KV cache (default none; with --load: the one the checkpoint was saved with)")
-  g.add_argument("--kv-bits", type=int, default=4, help="KV bits (KIVI 2..8, KVQuant 2..4; default 4)")
-  g.add_argument("--kv-group-size", type=int, default=32,
-                 help="KIVI: tokens per key group and channels per value group (must divide head_dim)")
-  g.add_argument("--kv-residual", type=int, default=128,
-                 help="KIVI: recent tokens kept in full precision, a multiple of the group size (default 128)")
-  g.add_argument("--kv-outliers", type=float, default=0.01,
-                 help="KVQuant: fraction of values kept exact (dense-and-sparse, default 0.01)")
-  g.add_argument("--kv-first-fp", type=int, default=1,
-                 help="KVQuant: first tokens (absolute positions) kept in full precision (default 1)")
-  g.add_argument("--kv-calib-nsamples", type=int, default=16, help="KVQuant calibration windows (default 16)")
-  g.add_argument("--kv-uniform", action="store_true", help="KVQuant: uniform grid instead of the k-means codebook")
-  g.add_argument("--kv-fisher", action="store_true", help="KVQuant: Fisher-weighted k-means")
-
-
-KIVI_FLAGS = ("kv_group_size", "kv_residual")
-KVQUANT_FLAGS = {"kv_outliers": "outlier_fraction", "kv_first_fp": "first_fp", "kv_calib_nsamples": "nsamples",
-                 "kv_uniform": "nuq", "kv_fisher": "fisher"}
+  options.add_flags(p, _configs(), "--kv-method")
 
 
 def scopes(args):
   """``(flags, applies, needs)`` for :func:`qjax.cli.common.check_scopes`."""
-  m = args.kv_method
-  return [(("kv_bits",), m in ("kivi", "kvquant"), "--kv-method kivi or kvquant"),
-          (KIVI_FLAGS, m == "kivi", "--kv-method kivi"),
-          (tuple(KVQUANT_FLAGS), m == "kvquant", "--kv-method kvquant")]
+  return options.scopes(_configs(), args.kv_method, None, "--kv-method")
 
 
-def validate(args, head_dim: int | None = None):
-  """Checks that need no weights (``head_dim`` from the model's config): KIVI's group size against
-  ``head_dim`` first, then the configs' own checks."""
+def validate(args, given: frozenset[str], head_dim: int | None = None):
+  """Checks that need no weights (``head_dim`` from the model's config): KIVI's group size against ``head_dim``
+  (first: the most direct message), then the config's own checks."""
   if args.kv_method in (None, "none"):
     return
-  if args.kv_method == "kivi" and head_dim is not None and head_dim % args.kv_group_size:
-    raise InputError(f"KIVI --kv-group-size {args.kv_group_size} must divide head_dim {head_dim} (value groups "
-                     f"are channels of one head)")
-  config(args.kv_method, args.kv_bits, args)  # the configs validate their fields
+  if args.kv_method == "kivi" and head_dim is not None:
+    group = options.given_values(kivi.KIVIConfig, args, given).get("group_size", kivi.KIVIConfig.group_size)
+    if group > 0 and head_dim % group:
+      raise InputError(f"KIVI --kv-group-size {group} must divide head_dim {head_dim} (value groups are channels "
+                       f"of one head)")
+  config(args.kv_method, args, given)
 
 
-def config(method: str, bits: int, args):
-  """The frozen config of ``method`` at ``bits`` with the other settings from ``args``."""
-  if method == "kivi":
-    return kivi.KIVIConfig(bits=bits, group_size=args.kv_group_size, residual=args.kv_residual)
-  if method == "kvquant":
-    if args.kv_calib_nsamples < 1:
-      raise InputError(f"--kv-calib-nsamples must be positive, got {args.kv_calib_nsamples}")
-    return kvquant.KVQuantConfig(bits=bits, outlier_fraction=args.kv_outliers, first_fp=args.kv_first_fp,
-                                 nsamples=args.kv_calib_nsamples, nuq=not args.kv_uniform, fisher=args.kv_fisher)
-  raise InputError(f"unknown KV method {method!r} (known: {', '.join(KV_METHODS)})")
-
-
-def _flag_values(given, fields: dict[str, str], args) -> dict:
-  """``{config field: value}`` of the KV flags the user set (``--kv-uniform`` is ``nuq = False``)."""
-  out = {field: getattr(args, dest) for dest, field in fields.items() if dest in given}
-  if "nuq" in out:
-    out["nuq"] = not out["nuq"]
-  return out
+def config(method: str, args, given: frozenset[str]):
+  """The frozen config of KV method ``method`` from the flags given."""
+  return options.build(registry.kv_methods()[method].config_type, args, given)
 
 
 def resolve_saved(args, given, saved: dict | None, kv_calibration: dict | None):
@@ -95,19 +68,18 @@ def resolve_saved(args, given, saved: dict | None, kv_calibration: dict | None):
   saved_method = saved_name.split("-")[0] if saved_name else "none"
   if method is None:
     method = saved_method
-    if method == "none":
-      return "none", None, None
   if method == "none":
     return "none", None, None
   if method == "kivi":
-    base = kivi.KIVIConfig(**saved["config"]) if saved_method == "kivi" else config("kivi", args.kv_bits, args)
-    flags = _flag_values(given, {"kv_bits": "bits", "kv_group_size": "group_size", "kv_residual": "residual"}, args)
-    return "kivi", dataclasses.replace(base, **flags), None
+    if saved_method != "kivi":
+      return "kivi", config("kivi", args, given), None
+    flags = options.given_values(kivi.KIVIConfig, args, given)
+    return "kivi", dataclasses.replace(kivi.KIVIConfig(**saved["config"]), **flags), None
   if kv_calibration is None:
     raise InputError("KVQuant calibrates on the float model and this checkpoint holds no KVQuant calibration: run "
                      "--kv-method kvquant with --model (then --save keeps the calibration with the checkpoint)")
   saved_cfg = kvquant.KVQuantCalibration.from_dict(kv_calibration).config
-  wanted = dataclasses.replace(saved_cfg, **_flag_values(given, {"kv_bits": "bits", **KVQUANT_FLAGS}, args))
+  wanted = dataclasses.replace(saved_cfg, **options.given_values(kvquant.KVQuantConfig, args, given))
   if wanted != saved_cfg:
     diff = ", ".join(f"{f} {getattr(saved_cfg, f)} -> {getattr(wanted, f)}" for f in
                      (f.name for f in dataclasses.fields(saved_cfg)) if getattr(saved_cfg, f) != getattr(wanted, f))

@@ -17,9 +17,9 @@ from qjax.cli import kv as kv_cli
 from qjax.cli import recipe
 from qjax.core.errors import InputError
 from qjax.evaluation import perplexity, size
-from qjax.io import assets, checkpoint, hf_gptq
+from qjax.io import assets, checkpoint, hf_gptq, quantized
 from qjax.io import text as data
-from qjax.methods.weights import spqr
+from qjax.methods.weights import gptq, spqr
 
 PROG = "python -m qjax.quantize"
 
@@ -80,8 +80,8 @@ def _validate(args, given):
   if args.save:
     checkpoint.check_destination(args.save, args.overwrite, "--save folder")
   if args.export_gptq:
-    if args.method not in ("rtn", "gptq", "awq"):
-      raise InputError("--export-gptq needs --method rtn, gptq or awq")
+    if not args.recipe and args.method not in ("rtn", "gptq", "awq"):
+      raise InputError("--export-gptq needs --method rtn, gptq or awq (or a --recipe with their rules)")
     checkpoint.check_destination(args.export_gptq, args.overwrite, "--export-gptq folder")
   if args.json:
     checkpoint.check_destination(args.json, args.overwrite, "--json file")
@@ -107,7 +107,7 @@ def run(argv=None) -> int:
   source_dir = cli.model_dir(args)
   saved_kv = checkpoint.load_kv_calibration(args.load) if args.load else None
   q = recipe.apply(args, given, model, params, meta, tok, not args.no_progress, saved_kv)
-  qparams, act, cfg, method = q.params, q.act, q.config, q.method
+  qparams, act, method = q.params, q.act, q.method
 
   def evaluate(m, p, tag):
     return {n: perplexity.perplexity(m, p, t, seqlen, args.eval_nsamples, args.batch_size,
@@ -116,13 +116,11 @@ def run(argv=None) -> int:
   results = evaluate(q.model, qparams, "quantized" if q.quantized else "fp")
   baseline = evaluate(model, q.float_params, "fp") if args.baseline else {}
   if args.save:
-    checkpoint.save(args.save, qparams, source_dir=source_dir, dtype=model.dtype, method=method,
-                    overwrite=args.overwrite, recipe=q.recipe.to_dict(),
-                    kv_calibration=q.kv.calibration.to_dict() if q.kv and q.kv.calibration else None)
+    quantized.save(q.q, args.save, source_dir=source_dir, overwrite=args.overwrite, method=method)
   if args.save_recipe:
     with checkpoint.atomic_file(args.save_recipe) as f:
       f.write(api.dump_recipe(q.recipe, args.save_recipe))
-  exported = _export_gptq(args, cfg, qparams, source_dir) if args.export_gptq else None
+  exported = _export_gptq(args, q.recipe, qparams, source_dir) if args.export_gptq else None
   rep = size.size_report(qparams)
   paths = act_cli.matmul_paths(model, qparams, act)
   tps = {n: r.tokens_per_second for n, r in results.items()}
@@ -165,13 +163,19 @@ def run(argv=None) -> int:
   return 0
 
 
-def _export_gptq(args, cfg, qparams, source_dir):
-  extra = ({"damp_percent": cfg.percdamp, "static_groups": cfg.static_groups, "true_sequential": cfg.true_sequential}
-           if args.method == "gptq" else None)
-  summary = hf_gptq.export_gptq(args.export_gptq, qparams, source_dir=source_dir, bits=cfg.bits,
-                                group_size=cfg.group_size, sym=cfg.sym,
-                                desc_act=args.method == "gptq" and cfg.act_order, overwrite=args.overwrite,
-                                extra_config=extra)
+def _export_gptq(args, recipe_, qparams, source_dir):
+  """The HF GPTQ export of a run: base config and per-module overrides from the QArrays themselves; GPTQ's
+  damping, static groups and sequential settings recorded when every GPTQ rule agrees on them."""
+  gptqs = [r.config for r in recipe_.weights if isinstance(r.config, gptq.GPTQConfig)]
+  extra = {}
+  for key, field in (("damp_percent", "percdamp"), ("static_groups", "static_groups"),
+                     ("true_sequential", "true_sequential")):
+    values = {getattr(c, field) for c in gptqs}
+    if len(values) == 1:
+      extra[key] = values.pop()
+  summary = hf_gptq.export_gptq(args.export_gptq, qparams, source_dir=source_dir,
+                                desc_act=any(c.act_order for c in gptqs), overwrite=args.overwrite,
+                                extra_config=extra or None)
   summary["path"] = str(summary["path"])
   return summary
 

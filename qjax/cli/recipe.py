@@ -43,7 +43,7 @@ def _recipe_flags(args) -> set[str]:
   """The flags a ``--recipe`` file replaces: every weight, activation and KV flag."""
   dests = {"method", "abits", "act_groupsize", "quantize_attention_matmuls", "int8_kernel", "smoothquant",
            "plant_outliers", "kv_method"}
-  for dests_, _, _ in [*method_cli.scopes(args), *act_cli.scopes(args), *kv_cli.scopes(args)]:
+  for dests_, _, _ in [*method_cli.scopes(args, None), *act_cli.scopes(args), *kv_cli.scopes(args)]:
     dests.update(dests_)
   return dests - set(_CALIBRATION_FLAGS)
 
@@ -52,7 +52,6 @@ def validate(args, given: frozenset[str], model_config=None):
   """Checks that need no weights (``model_config``: the architecture, read from ``config.json`` when the source
   has one): every flag's value, and that no flag the user set would be ignored (``given``: the flags set, from
   :func:`qjax.cli.common.given_flags`)."""
-  method_cli.resolve_defaults(args)
   if args.save_recipe:
     checkpoint.check_destination(args.save_recipe, getattr(args, "overwrite", False), "--save-recipe file")
   if args.recipe:
@@ -65,10 +64,11 @@ def validate(args, given: frozenset[str], model_config=None):
     calibrates = rec.needs_calibration or isinstance(rec.kv, kvquant.KVQuantConfig)
     cli.check_scopes(given, [(_CALIBRATION_FLAGS, calibrates, "a recipe that calibrates")])
     return
-  cli.check_scopes(given, [*method_cli.scopes(args), *act_cli.scopes(args), *kv_cli.scopes(args)])
-  method_cli.validate(args)
-  act_cli.validate(args)
-  kv_cli.validate(args, model_config.head_dim if model_config is not None else None)
+  cfg = method_cli.config(args, given)
+  cli.check_scopes(given, [*method_cli.scopes(args, cfg), *act_cli.scopes(args), *kv_cli.scopes(args)])
+  method_cli.validate(args, cfg)
+  act_cli.validate(args, cfg)
+  kv_cli.validate(args, given, model_config.head_dim if model_config is not None else None)
 
 
 @dataclasses.dataclass
@@ -76,7 +76,6 @@ class Run:
   """What the CLI quantized: the library's :class:`qjax.api.Quantized` plus the CLI's bookkeeping."""
   q: api.Quantized
   act: ActQuantConfig
-  config: object                   # the single weight config of a flag-built recipe (None otherwise)
   method: dict                     # what ran, as saved with a checkpoint
   calibration: object              # Calibration or None
   loaded: str | None = None        # "qjax checkpoint" / "HF GPTQ checkpoint": quantized before this run
@@ -97,18 +96,18 @@ class Run:
             or self.kv is not None)
 
 
-def from_flags(args, given, model: CausalLM, meta: dict | None, kv_config=None) -> tuple[api.Recipe, object]:
-  """``(Recipe, the weight config)`` the flags describe (``--recipe FILE`` instead when given); ``meta``: the
-  loaded checkpoint's metadata (its activation quantizer is reused unless ``--abits`` is given)."""
+def from_flags(args, given, model: CausalLM, meta: dict | None, kv_config=None) -> api.Recipe:
+  """The Recipe the flags describe (``--recipe FILE`` instead when given); ``meta``: the loaded checkpoint's
+  metadata (its activation quantizer is reused unless ``--abits`` is given)."""
   if args.recipe:
-    return api.load_recipe(args.recipe), None
-  cfg = method_cli.config(args)
+    return api.load_recipe(args.recipe)
+  cfg = method_cli.config(args, given)
   act = act_cli.act_config(args, cfg, meta["method"].get("activation") if meta else None)
   recipe = api.Recipe(outliers=act_cli.outlier_config(args),
                       smoothquant=smoothquant.SmoothQuantConfig(args.alpha) if args.smoothquant else None,
                       weights=(api.Rule(model.family.linear_pattern, cfg),) if cfg is not None else (),
                       activations=act, kv=kv_config, int8_kernel=args.int8_kernel)
-  return recipe, cfg
+  return recipe
 
 
 def apply(args, given: frozenset[str], model: CausalLM, params, meta: dict | None, tokenizer, progress: bool,
@@ -121,9 +120,9 @@ def apply(args, given: frozenset[str], model: CausalLM, params, meta: dict | Non
                                                              kv_calibration)
   else:
     kv_method = args.kv_method or "none"
-    kv_cfg = None if kv_method == "none" else kv_cli.config(kv_method, args.kv_bits, args)
-  recipe, cfg = from_flags(args, given, model, meta, kv_cfg)
-  method_cli.validate_for_model(args, model, params, cfg)
+    kv_cfg = None if kv_method == "none" else kv_cli.config(kv_method, args, given)
+  recipe = from_flags(args, given, model, meta, kv_cfg)
+  method_cli.validate_for_model(model, params, recipe)
   calib = method_cli.calibration_data(args, model, tokenizer, args.seed) if recipe.needs_calibration else None
   kv_data = None
   if isinstance(recipe.kv, kvquant.KVQuantConfig):
@@ -136,7 +135,7 @@ def apply(args, given: frozenset[str], model: CausalLM, params, meta: dict | Non
     method = api.method_record(q)
   else:
     method = {**meta["method"], "activation": dataclasses.asdict(act), "kv_cache": q.kv and q.kv.to_dict()}
-  return Run(q, act, cfg, method, calib, meta.get("loaded") if meta else None)
+  return Run(q, act, method, calib, meta.get("loaded") if meta else None)
 
 
 def label(run: Run, args) -> str:

@@ -9,10 +9,13 @@ One quantized linear ``W [out, in]`` with ``b`` bits and group size ``g`` (``g =
 
     W[o, i] = scales[g_idx[i], o] * (q[i, o] - (qzeros[g_idx[i], o] + 1))
 
-Every other tensor keeps its HF name and dtype. A QArray the format (or the chosen config) cannot hold is written
-dense, in its own dtype, and excluded in ``quantization_config`` for both families of loaders: ``dynamic`` gets one
-GPTQModel negative rule ``"-:^<module>$": {}`` per excluded module (GPTQModel, vLLM) and
-``modules_in_block_to_quantize`` lists the quantized modules (transformers + optimum, vLLM).
+Every other tensor keeps its HF name and dtype. Mixed precision (a recipe with several bit widths, group sizes
+or symmetries) is written as one base config plus a GPTQModel positive ``dynamic`` rule
+``"+:^<module>$": {bits, group_size, sym}`` per module that differs (GPTQModel, vLLM; the importer here reads
+them). A QArray the format cannot hold is written dense, in its own dtype, and excluded in
+``quantization_config`` for both families of loaders: ``dynamic`` gets one negative rule ``"-:^<module>$": {}``
+per excluded module (GPTQModel, vLLM) and ``modules_in_block_to_quantize`` lists the quantized modules
+(transformers + optimum, vLLM).
 """
 from __future__ import annotations
 
@@ -103,70 +106,114 @@ def _version() -> str:
 
 
 def quantization_config(*, bits: int, group_size: int, sym: bool, desc_act: bool, quantized: list[str],
-                        excluded: list[str], extra_config: dict | None = None) -> dict:
-  """The ``quantization_config`` entry of ``config.json`` (exclusions only when some module is excluded)."""
+                        excluded: list[str], extra_config: dict | None = None,
+                        overrides: dict[str, dict] | None = None) -> dict:
+  """The ``quantization_config`` entry of ``config.json``: the base settings, one GPTQModel positive ``dynamic``
+  rule ``"+:^<module>$": {bits, group_size, sym}`` per module of ``overrides`` (mixed precision), and exclusions
+  only when some module is excluded."""
   clash = sorted(set(extra_config or {}) & set(_RESERVED))
   if clash:
     raise ValueError(f"extra_config may not set {clash}: they follow from the exported tensors")
   qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
         "checkpoint_format": "gptq", "lm_head": False, **DEFAULTS, "meta": {"quantizer": [f"qjax:{_version()}"]},
         **(extra_config or {})}
+  dynamic = {f"+:^{re.escape(m)}$": o for m, o in sorted((overrides or {}).items())}
+  dynamic.update({f"-:^{re.escape(m)}$": {} for m in excluded})
+  if dynamic:
+    qc["dynamic"] = dynamic
   if excluded:
-    qc["dynamic"] = {f"-:^{re.escape(m)}$": {} for m in excluded}
     qc["modules_in_block_to_quantize"] = [list(quantized)]
   return qc
 
 
-def export_gptq(dest, params, *, source_dir, bits: int, group_size: int, sym: bool, desc_act: bool,
-                overwrite: bool = False, extra_config: dict | None = None) -> dict:
+def _base_settings(qarrays: dict[str, QArray]) -> tuple[int, int, bool]:
+  """``(bits, group_size, sym)`` most of the decoder-layer QArrays share (by element count): the base config of
+  a mixed export, the others becoming ``dynamic`` overrides. Symmetric only when every such QArray is."""
+  weight: dict[tuple[int, int], int] = {}
+  decoder = [w for p, w in qarrays.items() if any(re.fullmatch(d, p) for d in DECODER_LINEARS)] \
+      or list(qarrays.values())
+  for w in decoder:
+    key = (w.bits, -1 if _group(w.shape[1], w.group_size) == w.shape[1] else w.group_size)
+    weight[key] = weight.get(key, 0) + w.size
+  bits, group_size = max(weight, key=lambda k: (weight[k], k))
+  return bits, group_size, all(w.sym for w in decoder)
+
+
+def export_gptq(dest, params, *, source_dir, bits: int | None = None, group_size: int | None = None,
+                sym: bool | None = None, desc_act: bool | None = None, overwrite: bool = False,
+                extra_config: dict | None = None) -> dict:
   """Writes ``params`` as an HF GPTQ folder at ``dest`` atomically (``config.json`` and ``quantize_config.json``
   with the quantization config, ``model.safetensors``, tokenizer files from ``source_dir``).
 
-  Returns ``{"path", "quantized": [HF module], "excluded": [HF module], "reasons": {module: why}}``.
+  ``bits``, ``group_size``, ``sym``: the base config (default: what most decoder-layer QArrays hold); a QArray with
+  other bits, group size or (under a symmetric base) asymmetric codes gets a per-module ``dynamic`` override, so a
+  mixed-precision recipe exports whole. ``desc_act`` (default: whether any QArray stores a column permutation).
+  Returns ``{"path", "quantized": [HF module], "excluded": [HF module], "reasons": {module: why},
+  "overrides": {module: settings}, ...}``.
   """
+  source_dir = Path(source_dir)
+  flat = tree.flatten(params)
+  qarrays = {p: v for p, v in flat.items() if isinstance(v, QArray)}
+  if not qarrays:
+    raise InputError("no weight can be written in the GPTQ format: the parameters hold no quantized weight")
+  base = _base_settings(qarrays)
+  bits, group_size, sym = (base[0] if bits is None else bits, base[1] if group_size is None else group_size,
+                           base[2] if sym is None else sym)
+  desc_act = any(w.perm is not None for w in qarrays.values()) if desc_act is None else desc_act
   if bits not in BITS:
     raise InputError(f"GPTQ export supports bits {BITS}, got {bits}")
   if group_size != -1 and group_size < 1:
     raise InputError(f"GPTQ group size must be -1 or positive, got {group_size}")
-  source_dir = Path(source_dir)
   dest = checkpoint.check_destination(dest, overwrite).resolve()
   if dest == source_dir.resolve():
     raise InputError(f"GPTQ export destination {dest} is the source model folder")
   config = json.loads((source_dir / "config.json").read_text())
   half = np.dtype(jnp.bfloat16) if (config.get("torch_dtype") or config.get("dtype")) == "bfloat16" \
       else np.dtype(np.float16)
-  tensors, quantized, reasons, widths = {}, [], {}, set()
-  for path, leaf in tree.flatten(params).items():
+  tensors, quantized, reasons, overrides, widths = {}, [], {}, {}, set()
+  for path, leaf in flat.items():
     name = path_to_hf(path)
     if not isinstance(leaf, QArray):
       tensors[name] = _half(np.asarray(leaf), half)
       continue
     widths.add(leaf.shape[1])
     module = name.removesuffix(".weight")
-    why = unsupported_reason(path, leaf, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+    own = _module_settings(leaf, bits, group_size, sym)
+    why = (f"{leaf.bits}-bit codes (the format stores {', '.join(map(str, BITS))} bits)" if leaf.bits not in BITS
+           else unsupported_reason(path, leaf, bits=own[0], group_size=own[1], sym=own[2], desc_act=desc_act))
     if why is None:
       tensors.update({f"{module}.{k}": v for k, v in gptq_tensors(leaf).items()})
       quantized.append(module)
+      if own != (bits, group_size, sym):
+        overrides[module] = dict(zip(("bits", "group_size", "sym"), own))
     else:
       tensors[name] = _half(np.asarray(leaf.dequantize()), half)
       reasons[module] = why
   if not quantized:
     raise InputError(f"no weight can be written in the GPTQ format (bits={bits}, group_size={group_size}): "
-                     f"{reasons or 'the parameters hold no quantized weight'}")
+                     f"{reasons}")
   quantized, excluded = sorted(quantized), sorted(reasons)
   config["quantization_config"] = quantization_config(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                                                       quantized=quantized, excluded=excluded,
-                                                      extra_config=extra_config)
+                                                      extra_config=extra_config, overrides=overrides)
   with checkpoint.atomic_dir(dest) as tmp:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
     checkpoint.copy_tokenizer(source_dir, tmp)
   nbytes = sum(a.nbytes for a in tensors.values())
-  fp16_bytes = 2 * sum(int(np.prod(v.shape)) for v in tree.flatten(params).values())
+  fp16_bytes = 2 * sum(int(np.prod(v.shape)) for v in flat.values())
   return {"path": str(dest), "quantized": quantized, "excluded": excluded, "reasons": reasons,
-          "dense_dtype": half.name, "bytes": nbytes, "fp16_bytes": fp16_bytes,
+          "overrides": overrides, "dense_dtype": half.name, "bytes": nbytes, "fp16_bytes": fp16_bytes,
           "fitting_group_sizes": fitting_group_sizes(widths)}
+
+
+def _module_settings(w: QArray, bits: int, group_size: int, sym: bool) -> tuple[int, int, bool]:
+  """The ``(bits, group_size, sym)`` the module ``w`` is written under: the base where its codes fit it (the
+  group size compared as columns per group), else its own."""
+  n = w.shape[1]
+  own_group = group_size if _group(n, w.group_size) == _group(n, group_size) else w.group_size
+  return w.bits, own_group, sym and w.sym
 
 
 def _half(a: np.ndarray, half: np.dtype) -> np.ndarray:
@@ -186,6 +233,10 @@ def summary_lines(export: dict) -> list[str]:
   from collections import Counter
   n_q, n_d = len(export["quantized"]), len(export["excluded"])
   line = f"HF GPTQ export: {export['path']}: {n_q} of {n_q + n_d} linears quantized"
+  if export.get("overrides"):
+    kinds = Counter(f"W{o['bits']} g{o['group_size']}" for o in export["overrides"].values())
+    line += f" ({len(export['overrides'])} by per-module dynamic rules: " + \
+        ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())) + ")"
   if n_d:
     why = "; ".join(f"{r}: {n}" for r, n in Counter(export["reasons"].values()).most_common())
     fits = ", ".join(map(str, export["fitting_group_sizes"])) or "none"

@@ -43,9 +43,11 @@ def load(path, dtype: str = "float32") -> Loaded:
   return Loaded(model, params, data.load_tokenizer(path), meta)
 
 
-def save(q: Quantized, path, *, source_dir, overwrite: bool = False) -> Path:
+def save(q: Quantized, path, *, source_dir, overwrite: bool = False, method: dict | None = None) -> Path:
   """Writes ``q`` as a qjax checkpoint (atomically; the recipe, and a KVQuant calibration, travel with it);
-  ``source_dir``: the float model's folder (its config and tokenizer files are copied)."""
-  return checkpoint.save(path, q.params, source_dir=source_dir, dtype=q.model.dtype, method=method_record(q),
+  ``source_dir``: the float model's folder (its config and tokenizer files are copied); ``method``: the record of
+  what ran (default :func:`~qjax.api.pipeline.method_record`; a model re-saved after loading keeps its own)."""
+  return checkpoint.save(path, q.params, source_dir=source_dir, dtype=q.model.dtype,
+                         method=method_record(q) if method is None else method,
                          overwrite=overwrite, recipe=q.recipe.to_dict(),
                          kv_calibration=q.kv.calibration.to_dict() if q.kv and q.kv.calibration else None)

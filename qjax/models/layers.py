@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qjax.core.formats.base import is_quantized
 from qjax.kernels import kv_attention
 from qjax.kernels.qmatmul import qmatmul
 
@@ -81,7 +82,8 @@ class Embed(nn.Module):
                                               self.dtype))
 
   def __call__(self, ids):
-    return jnp.take(self.weight.value, ids, axis=0)
+    w = self.weight.value
+    return w.take_rows(ids).astype(self.dtype) if is_quantized(w) else jnp.take(w, ids, axis=0)
 
   def attend(self, x):
     """Tied output projection ``x @ E^T``."""

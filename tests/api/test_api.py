@@ -77,14 +77,38 @@ def _cli(*args):
                         env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_embeddings_only_by_a_rule_that_names_them(llama_dir, stories_dir, tied):
+  """A catch-all rule leaves the token embedding dense; a rule naming it quantizes it (RTN, any 2-D weight), and
+  the model then looks rows up in the QArray (and, tied, projects with it): the same logits as the dense model
+  holding the dequantized embedding."""
+  import numpy as np
+  model, params = load_model(stories_dir if tied else llama_dir)
+  emb = "model/embed_tokens/weight"
+  assert emb not in api.resolve_rules(params, (api.Rule(r".*", RTNConfig()),))
+  q = api.quantize_model(model, params, api.Recipe(weights=(api.Rule(r"model/embed_tokens/weight",
+                                                                     RTNConfig(bits=4, group_size=32)),)))
+  qe = tree.flatten(q.params)[emb]
+  assert isinstance(qe, QArray) and q.rules[0].bits_per_weight < 5
+  ids = np.arange(40, dtype=np.int32).reshape(2, 20) % model.config.vocab_size
+  np.testing.assert_array_equal(np.asarray(qe.take_rows(ids)), np.asarray(qe.dequantize())[ids])
+  dense = tree.replace(q.params, [emb], lambda p, w: w.dequantize())
+  np.testing.assert_allclose(np.asarray(q.model.apply(q.params, ids)[0]), np.asarray(model.apply(dense, ids)[0]),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_precision_recipe_python_cli_save_load(tmp_path, llama_dir):
   (tmp_path / "story.txt").write_text(TEXT)
   (tmp_path / "r.yaml").write_text(api.dump_recipe(MIXED, "r.yaml"))
   flags = ["--model", llama_dir, "--calib-text", tmp_path / "story.txt", "--nsamples", "8", "--calib-seqlen", "32",
            "--ppl-text", tmp_path / "story.txt", "--seqlen", "64", "--eval-nsamples", "4"]
   r = _cli(*flags, "--recipe", tmp_path / "r.yaml", "--save", tmp_path / "ck", "--json", tmp_path / "q.json",
-           "--save-recipe", tmp_path / "again.json")
+           "--save-recipe", tmp_path / "again.json", "--export-gptq", tmp_path / "hf")
   assert r.returncode == 0, r.stderr
+  # The HF GPTQ export holds every decoder linear: W3 g32 and W4 per channel as base + dynamic overrides.
+  exp = json.loads((tmp_path / "q.json").read_text())["export_gptq"]
+  assert exp["excluded"] == ["lm_head"] and len(exp["quantized"]) == 14 and len(exp["overrides"]) in (6, 8)
+  assert "by per-module dynamic rules" in r.stdout
   # Python, the same calibration and evaluation tokens.
   model, params = load_model(llama_dir)
   tok = data.load_tokenizer(llama_dir)

@@ -364,3 +364,40 @@ def test_load_rejects_corrupt_checkpoints(tmp_path, llama_dir):
   scales[0, 0] = np.nan
   with pytest.raises(InputError, match=rf"{re.escape(name)}\.scales contains NaN"):
     load_with(**{f"{name}.scales": scales})
+
+
+def test_mixed_precision_exports_whole_with_dynamic_overrides(tmp_path, llama_dir):
+  """A mixed recipe (W3 g32 MLPs, W4 per-channel attention, symmetric W8 lm_head) exports every decoder linear:
+  the base config is the majority's, the others get one ``+:`` dynamic rule each, and the import reads each
+  module with its own settings back to the same weights (an independent decoder of the tensors checks them)."""
+  from qjax import api
+  model, params = load_model(llama_dir)
+  recipe = api.Recipe(weights=(
+      api.Rule(r"model/layers_\d+/mlp/.*/weight", rtn.RTNConfig(bits=3, group_size=32)),
+      api.Rule(r"model/layers_\d+/self_attn/.*/weight", rtn.RTNConfig(bits=4)),
+      api.Rule(r"lm_head/weight", rtn.RTNConfig(bits=8, sym=True))))
+  q = api.quantize_model(model, params, recipe).params
+  summary = hf_gptq.export_gptq(tmp_path / "gptq", q, source_dir=llama_dir)
+  layers = model.config.num_layers
+  assert len(summary["quantized"]) == 7 * layers and summary["excluded"] == ["lm_head"]
+  qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+  mlp_size, attn_size = (sum(tree.flatten(q)[p].size for p in tree.matching(q, (pat,)))
+                         for pat in (r"model/layers_\d+/mlp/.*/weight", r"model/layers_\d+/self_attn/.*/weight"))
+  base, other = ((3, 32), (4, -1)) if mlp_size >= attn_size else ((4, -1), (3, 32))
+  assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (*base, False, False)
+  plus = {k: v for k, v in qc["dynamic"].items() if k.startswith("+:")}
+  assert len(plus) == len(summary["overrides"]) and plus
+  assert all((v["bits"], v["group_size"]) == other for v in plus.values())
+  assert "by per-module dynamic rules" in hf_gptq.summary_lines(summary)[0]
+  tensors = read_safetensors(tmp_path / "gptq" / "model.safetensors")
+  for module in summary["quantized"]:
+    path = hf_to_path(f"{module}.weight")
+    want = tree.flatten(q)[path]
+    t = {k: tensors[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+    np.testing.assert_array_equal(ref_weight(t, want.bits), np.asarray(want.dequantize(), np.float32).T)
+  _, back = load_model(tmp_path / "gptq")
+  fb = tree.flatten(back)
+  for module in summary["quantized"]:
+    path = hf_to_path(f"{module}.weight")
+    assert isinstance(fb[path], QArray) and fb[path].bits == tree.flatten(q)[path].bits
+    assert_same(tree.flatten(q)[path], fb[path])

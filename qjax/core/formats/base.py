@@ -17,6 +17,11 @@ class QuantizedTensor:
   def dequantize(self) -> jax.Array:
     raise NotImplementedError
 
+  def take_rows(self, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` (any integer shape ``S``) of the dequantized matrix, ``S + [in]``: an embedding lookup. This
+    default dequantizes the whole matrix; formats with row-wise storage gather the stored rows first."""
+    return jnp.take(self.dequantize(), ids, axis=0)
+
   @property
   def nbytes(self) -> int:
     """Bytes actually stored (every array leaf)."""

@@ -68,6 +68,15 @@ class QArray(QuantizedTensor):
       return jnp.full(self.scale.shape, (2**self.bits) / 2, jnp.float32)
     return self.zero.astype(jnp.float32)
 
+  def take_rows(self, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` of the dequantized matrix (``ids.shape + [in]``), dequantizing only the gathered rows (codes,
+    scales and zeros are stored per row)."""
+    flat = jnp.reshape(ids, (-1,))
+    rows = lambda a: None if a is None else jnp.take(a, flat, axis=0)
+    sub = dataclasses.replace(self, codes=rows(self.codes), scale=rows(self.scale), zero=rows(self.zero),
+                              shape=(flat.shape[0], self.shape[1]))
+    return sub.dequantize().reshape(*jnp.shape(ids), self.shape[1])
+
   def dequantize(self) -> jax.Array:
     """The ``[out, in]`` matrix in ``self.dtype``, columns in original order."""
     n = self.shape[1]

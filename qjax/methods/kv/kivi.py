@@ -43,6 +43,8 @@ import jax.numpy as jnp
 from qjax.core import packing, uniform
 from qjax.core.errors import InputError
 from qjax.core.formats.kv import KIVITensor, group_view
+from qjax.core.options import Flag, option
+from qjax.methods.kv.flags import KV_BITS
 from qjax.methods.registry import KVCacheSetup, register_kv_method
 from qjax.models import layers
 from qjax.models.kv_cache import KVCache, LayerCache
@@ -57,11 +59,13 @@ class KIVIConfig:
   of G tokens, value groups of G channels); ``residual`` R (a multiple of G, 0 allowed): full-precision tokens kept
   besides the incomplete group (see the flush rule in the module docstring); ``scale_dtype``: storage type of the
   scales and minima."""
-  bits: int = 4
-  group_size: int = 32
-  residual: int = 128
-  k_bits: int | None = None
-  v_bits: int | None = None
+  bits: int = option(4, KV_BITS)
+  group_size: int = option(32, Flag("--kv-group-size", "tokens per key group and channels per value group "
+                                                       "(must divide head_dim)"))
+  residual: int = option(128, Flag("--kv-residual", "recent tokens kept in full precision, a multiple of the "
+                                                    "group size"))
+  k_bits: int | None = option(None, Flag("--kv-k-bits", "key bits when they differ from --kv-bits"))
+  v_bits: int | None = option(None, Flag("--kv-v-bits", "value bits when they differ from --kv-bits"))
   scale_dtype: str = "float16"
 
   def __post_init__(self):

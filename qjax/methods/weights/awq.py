@@ -57,9 +57,10 @@ import jax.numpy as jnp
 
 from qjax.core import tree, uniform
 from qjax.core.errors import InputError
+from qjax.core.options import Flag, option
 from qjax.methods import scaling
 from qjax.methods.registry import as_assignment, exact_paths, register_method
-from qjax.methods.weights import rtn
+from qjax.methods.weights import flags, rtn
 from qjax.models import CausalLM, capture
 from qjax.models.families import DECODER_LINEARS, Family
 
@@ -68,11 +69,11 @@ _NO_CLIP = ("q", "k")
 
 @dataclasses.dataclass(frozen=True)
 class AWQConfig:
-  bits: int = 4
-  group_size: int = 128
-  sym: bool = False
-  n_grid: int = 20                    # alpha = i / n_grid, i = 0..n_grid-1
-  clip: bool = True
+  bits: int = option(4, flags.BITS)
+  group_size: int = option(128, flags.GROUP_SIZE)
+  sym: bool = option(False, flags.SYM)
+  n_grid: int = option(20, Flag("--awq-grid", "scale search grid: alpha = i / n, i < n"))
+  clip: bool = option(True, Flag("--awq-clip", "search the clipping range (--no-awq-clip: skip it)"))
   clip_grid: int = 20                 # clipping ratios 1 - i / clip_grid ...
   max_shrink: float = 0.5             # ... for i < max_shrink * clip_grid
   scale_dtype: str = "float16"

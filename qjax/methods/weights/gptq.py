@@ -33,8 +33,9 @@ import numpy as np
 from qjax.core import linalg, uniform
 from qjax.core.errors import InputError
 from qjax.core.formats.qarray import QArray
+from qjax.core.options import Flag, option
 from qjax.methods.registry import as_assignment, exact_paths, register_method, shared
-from qjax.methods.weights import error_feedback
+from qjax.methods.weights import error_feedback, flags
 from qjax.models.families import DECODER_LINEARS
 
 
@@ -152,19 +153,25 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: 
 
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig:
-  bits: int = 4
-  group_size: int = -1
-  sym: bool = False
-  act_order: bool = False
-  static_groups: bool = False
-  percdamp: float = 0.01
-  block_size: int = 128
-  true_sequential: bool = False
+  """Model-level GPTQ settings (see :func:`quantize_weight`). Act-order is on by default and ``static_groups=None``
+  means "with act-order and groups": the combination that keeps a checkpoint's groups contiguous (README, GPTQ
+  defaults); ``targets`` are regexes over weight paths."""
+  bits: int = option(4, flags.BITS)
+  group_size: int = option(-1, flags.GROUP_SIZE)
+  sym: bool = option(False, flags.SYM)
+  act_order: bool = option(True, flags.ACT_ORDER)
+  static_groups: bool | None = option(None, Flag("--static-groups", "fit all groups up front, contiguous with "
+                                                                     "act-order (default: with act-order and groups)"))
+  percdamp: float = option(0.01, flags.PERCDAMP)
+  block_size: int = option(128, flags.BLOCK_SIZE)
+  true_sequential: bool = option(False, flags.TRUE_SEQUENTIAL)
   scale_dtype: str = "float16"
   targets: tuple[str, ...] = DECODER_LINEARS
 
   def __post_init__(self):
     uniform.check_grid(self.bits, self.group_size, "GPTQ")
+    if self.static_groups is None:
+      object.__setattr__(self, "static_groups", self.act_order and self.group_size > 0)
     if self.static_groups and self.group_size <= 0:
       raise InputError("static groups need a group size (--groupsize > 0)")
     if not 0 < self.percdamp:

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 from qjax.core import uniform
 from qjax.core.errors import InputError
 from qjax.core.formats.int8 import LLMInt8Array
+from qjax.core.options import Flag, option
 from qjax.methods.registry import as_assignment, quantize_each, register_method
 from qjax.models.families import DECODER_LINEARS
 
 
 @dataclasses.dataclass(frozen=True)
 class LLMInt8Config:
-  threshold: float = 6.0
+  threshold: float = option(6.0, Flag("--int8-threshold", "outlier feature threshold"))
   targets: tuple[str, ...] = DECODER_LINEARS
 
   def __post_init__(self):

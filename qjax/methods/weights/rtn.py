@@ -16,15 +16,17 @@ import jax.numpy as jnp
 
 from qjax.core import uniform
 from qjax.core.formats.qarray import QArray
+from qjax.core.options import option
 from qjax.methods.registry import as_assignment, quantize_each, register_method
+from qjax.methods.weights import flags
 from qjax.models.families import DECODER_LINEARS
 
 
 @dataclasses.dataclass(frozen=True)
 class RTNConfig:
-  bits: int = 4
-  group_size: int = -1
-  sym: bool = False
+  bits: int = option(4, flags.BITS)
+  group_size: int = option(-1, flags.GROUP_SIZE)
+  sym: bool = option(False, flags.SYM)
   scale_dtype: str = "float16"        # storage type of the per-group scales
   targets: tuple[str, ...] = DECODER_LINEARS  # regexes (full match) over parameter paths
 

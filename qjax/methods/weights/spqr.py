@@ -66,8 +66,9 @@ import numpy as np
 from qjax.core import linalg, tree, uniform
 from qjax.core.errors import InputError
 from qjax.core.formats.spqr import SpQRArray
+from qjax.core.options import Flag, option
 from qjax.methods.registry import as_assignment, exact_paths, register_method, shared
-from qjax.methods.weights import error_feedback
+from qjax.methods.weights import error_feedback, flags
 from qjax.models.families import DECODER_LINEARS
 
 _EPS = 1e-9          # scale floor of the reference's quantize()
@@ -309,18 +310,19 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: 
 @dataclasses.dataclass(frozen=True)
 class SpQRConfig:
   """Model-level SpQR settings (see :func:`quantize_weight`); ``targets`` are regexes over weight paths."""
-  bits: int = 3
-  group_size: int = 16
-  qq_scale_bits: int = 3
-  qq_zero_bits: int = 3
-  qq_groupsize: int = 16
-  outlier_threshold: float = math.inf
-  act_order: bool = False
-  percdamp: float = 0.01
-  simplified_outliers: bool = False
-  sym: bool = False
-  true_sequential: bool = False
-  block_size: int = 128
+  bits: int = option(3, flags.BITS)
+  group_size: int = option(16, flags.GROUP_SIZE)
+  qq_scale_bits: int = option(3, Flag("--qq-scale-bits", "bits of the 2nd-level scale quantization"))
+  qq_zero_bits: int = option(3, Flag("--qq-zero-bits", "bits of the 2nd-level zero quantization"))
+  qq_groupsize: int = option(16, Flag("--qq-groupsize", "output rows sharing 2nd-level statistics"))
+  outlier_threshold: float = option(math.inf, Flag("--outlier-threshold", "relative outlier threshold (inf: none)"))
+  act_order: bool = option(False, flags.ACT_ORDER)
+  percdamp: float = option(0.01, flags.PERCDAMP)
+  simplified_outliers: bool = option(False, Flag("--simplified-outliers",
+                                                 "skip the leave-one-out outlier pre-detection"))
+  sym: bool = option(False, flags.SYM)
+  true_sequential: bool = option(False, flags.TRUE_SEQUENTIAL)
+  block_size: int = option(128, flags.BLOCK_SIZE)
   stats_dtype: str = "float16"
   targets: tuple[str, ...] = DECODER_LINEARS
 

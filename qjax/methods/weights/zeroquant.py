@@ -52,9 +52,11 @@ from qjax.core import tree, uniform
 from qjax.core.errors import InputError
 from qjax.core.formats.base import is_quantized
 from qjax.core.formats.qarray import QArray
+from qjax.core.options import Flag, int_list, option
 from qjax.core.progress import bar as progress_bar
 from qjax.methods.activations.quantizers import ActQuantConfig, straight_through
 from qjax.methods.registry import as_assignment, exact_paths, register_method
+from qjax.methods.weights import flags
 from qjax.models import ActivationHooks, CausalLM, capture
 from qjax.models.decoder import window_inputs
 from qjax.models.families import DECODER_LINEARS
@@ -99,17 +101,23 @@ def fake_quantize_weight(w: jax.Array, *, bits: int, group_size: int = -1,
 
 @dataclasses.dataclass(frozen=True)
 class ZeroQuantConfig:
-  bits_attn: int = 8                  # q, k, v, o
-  bits_mlp: int = 4                   # gate, up, down (LLaMA); fc1, fc2 (OPT)
-  group_size: int = -1                # input columns per group along a row; -1 = one group per row
-  abits: int = 8                      # per-token dynamic symmetric activations (absmax scheme); 16 = off
-  lkd: bool = False                   # layer-wise knowledge distillation
-  lkd_steps: int = 300                # AdamW steps per distilled layer (reference: 600)
-  lkd_lr: float = 1e-4                # reference: 5e-6 (8B, bf16)
+  bits_attn: int = option(8, Flag("--zq-attn-bits", "attention (q, k, v, o) weight bits"))
+  bits_mlp: int = option(4, flags.BITS)  # gate, up, down (LLaMA); fc1, fc2 (OPT)
+  group_size: int = option(-1, flags.GROUP_SIZE)  # input columns per group along a row; -1 = one group per row
+  # per-token dynamic symmetric activations (absmax scheme); 16 = off
+  abits: int = option(8, Flag("--abits", external=True))
+  lkd: bool = option(False, Flag("--zq-lkd", "layer-by-layer knowledge distillation (uses calibration)"))
+  lkd_steps: int = option(300, Flag("--lkd-steps", "AdamW steps per distilled layer (reference: 600)",
+                                    requires="lkd"))
+  lkd_lr: float = option(1e-4, Flag("--lkd-lr", "peak learning rate, cosine decay (reference: 5e-6)",
+                                    requires="lkd"))
   lkd_weight_decay: float = 1e-5
-  lkd_batch: int = 4                  # calibration windows per step
-  lkd_layers: tuple[int, ...] | None = None  # layers to distill (negative counts from the end); None = all
-  seed: int = 0                       # minibatch sampling
+  lkd_batch: int = option(4, Flag("--lkd-batch", "calibration windows per step", requires="lkd"))
+  # layers to distill (negative counts from the end); None = all
+  lkd_layers: tuple[int, ...] | None = option(None, Flag("--lkd-layers", "comma-separated layer indices to "
+                                                         "distill, negative from the end (default all)",
+                                                         parse=int_list, requires="lkd"))
+  seed: int = option(0, Flag("--seed", external=True))  # minibatch sampling
   scale_dtype: str = "float16"        # storage type of the per-group scales
   targets: tuple[str, ...] = DECODER_LINEARS  # regexes (full match) over parameter paths
 

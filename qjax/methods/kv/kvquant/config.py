@@ -5,19 +5,21 @@ import dataclasses
 import math
 
 from qjax.core.errors import InputError
+from qjax.core.options import Flag, option
+from qjax.methods.kv.flags import KV_BITS
 
 
 @dataclasses.dataclass(frozen=True)
 class KVQuantConfig:
   """KVQuant settings. ``nsamples`` windows of ``seqlen`` tokens (capped at the model context) calibrate;
   ``key_capacity`` sets the per-token room for key outliers (see :meth:`key_outlier_capacity`)."""
-  bits: int = 4
-  outlier_fraction: float = 0.01
-  first_fp: int = 1
-  nuq: bool = True
-  fisher: bool = False
+  bits: int = option(4, KV_BITS)
+  outlier_fraction: float = option(0.01, Flag("--kv-outliers", "fraction of values kept exact (dense-and-sparse)"))
+  first_fp: int = option(1, Flag("--kv-first-fp", "first tokens (absolute positions) kept in full precision"))
+  nuq: bool = option(True, Flag("--kv-uniform", "uniform grid instead of the k-means codebook", negate=True))
+  fisher: bool = option(False, Flag("--kv-fisher", "Fisher-weighted k-means"))
   kmeans_iters: int = 50
-  nsamples: int = 16
+  nsamples: int = option(16, Flag("--kv-calib-nsamples", "calibration windows"))
   seqlen: int = 2048
   max_calib_tokens: int = 32768        # the reference's 16 x 2048: no subsampling at the defaults
   key_capacity: float = 3.0
