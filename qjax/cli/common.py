@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qjax import models
 from qjax.core.errors import InputError
-from qjax.io import assets, checkpoint, hf, hf_gptq
+from qjax.io import assets, checkpoint, gguf_load, hf, hf_gptq
 
 EXIT_BAD_INPUT = 2
 
@@ -63,15 +63,24 @@ def check_scopes(given: frozenset[str], scopes):
 
 def add_model_args(p: argparse.ArgumentParser):
   src = p.add_mutually_exclusive_group()
-  src.add_argument("--model", help="Hugging Face model folder (default: assets stories260K)")
+  src.add_argument("--model", help="Hugging Face model folder, GGUF file, or a named model (smollm2-135m, "
+                                   "stories260k; default: assets stories260K)")
   src.add_argument("--load", help="a checkpoint saved by qjax (--save)")
   p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES), help="compute dtype")
   p.add_argument("--seed", type=int, default=0)
 
 
+def model_source(args) -> Path:
+  """What ``--model`` / ``--load`` names: a folder, a GGUF file, or a named model's path."""
+  if args.load:
+    return Path(args.load)
+  return assets.model_path(args.model) if args.model else assets.asset(assets.DEFAULT_MODEL)
+
+
 def model_dir(args) -> Path:
-  """The folder holding config.json and tokenizer files."""
-  return Path(args.load) if args.load else Path(args.model) if args.model else assets.asset(assets.DEFAULT_MODEL)
+  """The folder holding config.json and tokenizer files (for a GGUF file: its cached HF view)."""
+  src = model_source(args)
+  return gguf_load.hf_view(src) if gguf_load.is_gguf(src) else src
 
 
 def model_config(args):
@@ -92,7 +101,7 @@ def load_model(args):
     model = models.CausalLM(models.ModelConfig.from_dir(d), meta["dtype"])
     params, meta = checkpoint.load_params(d)
     return model, params, {**meta, "loaded": "qjax checkpoint"}
-  model, params = hf.load_model(d, args.dtype)
+  model, params = hf.load_model(model_source(args), args.dtype)
   qc = hf_gptq.quantization_config_of(d)
   if qc is None:
     return model, params, None

@@ -17,7 +17,7 @@ from qjax.cli import kv as kv_cli
 from qjax.cli import recipe
 from qjax.core.errors import InputError
 from qjax.evaluation import perplexity, size
-from qjax.io import assets, checkpoint, hf_gptq, quantized
+from qjax.io import assets, checkpoint, gguf_export, hf_gptq, quantized
 from qjax.io import text as data
 from qjax.methods.weights import gptq, spqr
 
@@ -40,7 +40,13 @@ def build_parser() -> cli.Parser:
   p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
   p.add_argument("--export-gptq", metavar="DIR",
                  help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn, gptq or awq")
-  p.add_argument("--overwrite", action="store_true", help="allow --save/--json to replace existing paths")
+  p.add_argument("--export-gguf", metavar="FILE",
+                 help="also write a GGUF file (llama.cpp format): W4 g32 -> Q4_0/Q4_1, sym W8 g32 -> Q8_0 from "
+                      "qjax's codes, other tensors dense")
+  p.add_argument("--gguf-dense-type", default="F16", choices=("F16", "F32"),
+                 help="GGUF type of the tensors no block type holds (default F16; norms are always F32)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="allow --save/--json/--export-* to replace existing paths")
   p.add_argument("--json", help="write the results as JSON to this file")
   p.add_argument("--no-progress", action="store_true", help="hide progress bars")
   return p
@@ -83,6 +89,9 @@ def _validate(args, given):
     if not args.recipe and args.method not in ("rtn", "gptq", "awq"):
       raise InputError("--export-gptq needs --method rtn, gptq or awq (or a --recipe with their rules)")
     checkpoint.check_destination(args.export_gptq, args.overwrite, "--export-gptq folder")
+  if args.export_gguf:
+    checkpoint.check_destination(args.export_gguf, args.overwrite, "--export-gguf file")
+  cli.check_scopes(given, [(("gguf_dense_type",), bool(args.export_gguf), "--export-gguf FILE")])
   if args.json:
     checkpoint.check_destination(args.json, args.overwrite, "--json file")
 
@@ -121,6 +130,9 @@ def run(argv=None) -> int:
     with checkpoint.atomic_file(args.save_recipe) as f:
       f.write(api.dump_recipe(q.recipe, args.save_recipe))
   exported = _export_gptq(args, q.recipe, qparams, source_dir) if args.export_gptq else None
+  gguf_out = (gguf_export.export_gguf(args.export_gguf, qparams, model, source=cli.model_source(args),
+                                      overwrite=args.overwrite, dense_type=args.gguf_dense_type)
+              if args.export_gguf else None)
   rep = size.size_report(qparams)
   paths = act_cli.matmul_paths(model, qparams, act)
   tps = {n: r.tokens_per_second for n, r in results.items()}
@@ -146,6 +158,8 @@ def run(argv=None) -> int:
   out["recipe"] = q.recipe.to_dict()
   if exported is not None:
     out["export_gptq"] = exported
+  if gguf_out is not None:
+    out["export_gguf"] = gguf_out
   if q.kv is not None:
     out["kv_cache"] = {**q.kv.to_dict(), "describe": q.kv.describe(),
                        "semantics": "quantized past: each position attends to what the quantized cache holds when "
@@ -211,6 +225,8 @@ def _print_summary(out, results, baseline, method, linears):
     print()
   if "export_gptq" in out:
     print("\n".join(hf_gptq.summary_lines(out["export_gptq"])) + "\n")
+  if "export_gguf" in out:
+    print(gguf_export.summary_line(out["export_gguf"]) + "\n")
   print(cli.format_table(["model", "value"], [
       ["method", method],
       ["activations", out["config"]["activations"]],

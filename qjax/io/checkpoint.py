@@ -81,20 +81,27 @@ def _publish(tmp: Path, dest: Path):
 
 
 @contextlib.contextmanager
-def atomic_file(dest, mode: str = "w"):
-  """Yields a file object whose contents replace ``dest`` only if the block completes (temporary file + rename;
-  missing parent folders are created at the end, so nothing is created when the block fails)."""
+def atomic_path(dest):
+  """Yields a temporary file path (for writers that open files themselves) that replaces ``dest`` only if the
+  block completes (rename; missing parent folders are created at the end, so nothing is created on failure)."""
   dest = Path(dest).absolute()
   fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=_write_base(dest))
+  os.close(fd)
   try:
-    with os.fdopen(fd, mode) as f:
-      yield f
+    yield Path(tmp)
     os.chmod(tmp, 0o666 & ~current_umask())
     _publish(Path(tmp), dest)
   except BaseException:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest, mode: str = "w"):
+  """Yields a file object whose contents replace ``dest`` only if the block completes (see :func:`atomic_path`)."""
+  with atomic_path(dest) as tmp, open(tmp, mode) as f:
+    yield f
 
 
 def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool = False,

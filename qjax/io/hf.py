@@ -1,13 +1,21 @@
-"""Hugging Face model folders -> ``(CausalLM, params)``: plain safetensors (:mod:`qjax.io.safetensors`) or HF GPTQ
-checkpoints (:mod:`qjax.io.hf_gptq`, loaded as :class:`~qjax.core.formats.qarray.QArray` weights)."""
+"""Model sources -> ``(CausalLM, params)``: Hugging Face folders with plain safetensors (:mod:`qjax.io.safetensors`)
+or HF GPTQ checkpoints (:mod:`qjax.io.hf_gptq`, loaded as :class:`~qjax.core.formats.qarray.QArray` weights), and
+GGUF files (:mod:`qjax.io.gguf_load`, dequantized)."""
 from __future__ import annotations
 
-from qjax.io import hf_gptq, safetensors
+from pathlib import Path
+
+from qjax.core.errors import InputError
+from qjax.io import gguf_load, hf_gptq, safetensors
 from qjax.models import CausalLM, ModelConfig
 
 
 def load_model(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
-  """Loads a local HF folder (``config.json`` + safetensors, plain or GPTQ) -> ``(model, params)``."""
+  """Loads a local HF folder (``config.json`` + safetensors, plain or GPTQ) or a GGUF file -> ``(model, params)``."""
+  if gguf_load.is_gguf(path):
+    return gguf_load.load_model(path, dtype)
+  if Path(path).is_file():
+    raise InputError(f"model path {path} is a file but not a GGUF file (give an HF folder or a .gguf file)")
   config = ModelConfig.from_dir(path)
   model = CausalLM(config, dtype)
   loader = hf_gptq.load_gptq_params if hf_gptq.is_gptq_checkpoint(path) else safetensors.load_params

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qjax.api.pipeline import Quantized, method_record
 from qjax.api.recipe import Recipe
-from qjax.io import checkpoint, hf, hf_gptq
+from qjax.io import assets, checkpoint, gguf_load, hf, hf_gptq
 from qjax.io import text as data
 from qjax.models import CausalLM, ModelConfig
 
@@ -29,9 +29,13 @@ class Loaded:
 
 
 def load(path, dtype: str = "float32") -> Loaded:
-  """A model folder: a qjax checkpoint (``qjax.json``: quantized tensors rebuilt from qjax's own types only), an
-  HF folder (float safetensors, or an HF GPTQ checkpoint as QArrays)."""
-  path = Path(path)
+  """A model: a qjax checkpoint folder (``qjax.json``: quantized tensors rebuilt from qjax's own types only), an
+  HF folder (float safetensors, or an HF GPTQ checkpoint as QArrays), a GGUF file (dequantized), or a named model
+  (``"smollm2-135m"``, ``"stories260k"``)."""
+  path = assets.model_path(path)
+  if gguf_load.is_gguf(path):
+    model, params = gguf_load.load_model(path, dtype)
+    return Loaded(model, params, data.load_tokenizer(gguf_load.hf_view(path)), None)
   if (path / "qjax.json").is_file():
     meta = checkpoint.read_meta(path)
     model = CausalLM(ModelConfig.from_dir(path), meta["dtype"])

@@ -27,6 +27,12 @@ class Family:
   embed: str
   final_norm: str
   lm_head: str = "lm_head/weight"
+  # GGUF (llama.cpp) spelling, None when llama.cpp has no such architecture: ``general.architecture``, the
+  # (parameter path, tensor name) pairs outside the layers and inside layer i (tensor names then start "blk.i.").
+  # llama.cpp stores the rows of the ``rope_roles`` projections permuted (see qjax.io.gguf_load).
+  gguf_arch: str | None = None
+  gguf_names: tuple[tuple[str, str], ...] = ()
+  gguf_layer_names: tuple[tuple[str, str], ...] = ()
 
   def layer_path(self, i: int) -> str:
     return f"{self.layers_prefix}_{i}"
@@ -38,6 +44,14 @@ class Family:
     """The ``linear_feeds`` pairs ``(first, second)`` (roles) whose condition holds for ``config``."""
     ok = {"": True, "mha": config.num_kv_heads == config.num_heads, "relu": config.hidden_act == "relu"}
     return tuple((a, b) for a, b, cond in self.linear_feeds if ok[cond])
+
+  def gguf_map(self, num_layers: int) -> dict[str, str]:
+    """``{parameter path: GGUF tensor name}`` of a model with ``num_layers`` layers (every name the family knows;
+    a model holds a subset, e.g. no ``lm_head`` when tied, no biases)."""
+    out = dict(self.gguf_names)
+    for i in range(num_layers):
+      out.update({f"{self.layer_path(i)}/{p}": f"blk.{i}.{g}" for p, g in self.gguf_layer_names})
+    return out
 
   @property
   def linear_pattern(self) -> str:
@@ -58,6 +72,16 @@ LLAMA = Family(
     rope_roles=("q", "k"),
     embed="model/embed_tokens/weight",
     final_norm="model/norm",
+    gguf_arch="llama",
+    gguf_names=(("model/embed_tokens/weight", "token_embd.weight"), ("model/norm/weight", "output_norm.weight"),
+                ("lm_head/weight", "output.weight")),
+    gguf_layer_names=(("input_layernorm/weight", "attn_norm.weight"),
+                      ("post_attention_layernorm/weight", "ffn_norm.weight"),
+                      *((f"{path}/{kind}", f"{gg}.{kind}") for path, gg in (
+                          ("self_attn/q_proj", "attn_q"), ("self_attn/k_proj", "attn_k"),
+                          ("self_attn/v_proj", "attn_v"), ("self_attn/o_proj", "attn_output"),
+                          ("mlp/gate_proj", "ffn_gate"), ("mlp/up_proj", "ffn_up"), ("mlp/down_proj", "ffn_down"))
+                        for kind in ("weight", "bias"))),
 )
 
 OPT = Family(
