@@ -5,6 +5,12 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "QJAX_CACHE" not in os.environ:  # GGUF views (converted tokenizers) of this run, not the user's cache
+  import atexit
+  import shutil
+  import tempfile
+  os.environ["QJAX_CACHE"] = tempfile.mkdtemp(prefix="qjax-test-cache-")
+  atexit.register(shutil.rmtree, os.environ["QJAX_CACHE"], True)
 
 import pytest
 
