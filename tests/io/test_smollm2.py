@@ -4,7 +4,6 @@ perplexity on both named texts (2 windows of 512 here; the README's protocol run
 greedy generation from a chat prompt and a raw prompt."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import transformers
