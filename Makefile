@@ -1,4 +1,4 @@
-# Two commands: `make demo` (RTN W4 g32 on stories260K, both named texts) and `make test`.
+# Two commands: `make demo` (GPTQ W4 g128 on SmolLM2-135M, then a chat turn) and `make test`.
 # Both create .venv on first use and install what they need (CPU torch first: a bare torch pulls CUDA).
 PY ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench install clean
+.PHONY: demo demo-stories test bench install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The real model (SmolLM2-135M-Instruct, GGUF): GPTQ W4 g128 calibrated on WikiText-2 validation text, fp and
+# quantized perplexity on WikiText-2 test windows, saved; then one chat turn with the quantized model.
 demo: install
+	$(BIN)/python -m qjax.quantize --model smollm2-135m --method gptq --wbits 4 --groupsize 128 \
+	  --calib-dataset wikitext2 --nsamples 32 --calib-seqlen 512 \
+	  --ppl-datasets wikitext2 --seqlen 2048 --eval-nsamples 4 --baseline --save out/demo-smollm2 --overwrite
+	echo "What is the capital of France?" | $(BIN)/python -m qjax.generate --load out/demo-smollm2 --chat \
+	  --max-new-tokens 48
+
+demo-stories: install
 	$(BIN)/python -m qjax.quantize --method rtn --wbits 4 --groupsize 32 --baseline \
 	  --ppl-datasets tinystories,wikitext2
 
