@@ -35,7 +35,8 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see eval/bench_ppl.py
 
-from bench_ppl import environment, log, model_source, pin_threads, torch_causal_lm  # noqa: E402  (eval/ is the script's folder)
+from bench_ppl import (environment, log, model_source, pin_threads,  # noqa: E402  (eval/ is the script's folder)
+                       torch_causal_lm)
 
 MODELS = ("stories260K", "llama8x512", "smollm2-135m")
 KV_METHODS = ("fp", "kivi-2", "kivi-4", "kvquant-2", "kvquant-3", "kvquant-4")

@@ -91,6 +91,8 @@ def _validate(args, given):
     checkpoint.check_destination(args.export_gptq, args.overwrite, "--export-gptq folder")
   if args.export_gguf:
     checkpoint.check_destination(args.export_gguf, args.overwrite, "--export-gguf file")
+    if model_config is not None:
+      gguf_export.check_exportable(model_config)
   cli.check_scopes(given, [(("gguf_dense_type",), bool(args.export_gguf), "--export-gguf FILE")])
   if args.json:
     checkpoint.check_destination(args.json, args.overwrite, "--json file")

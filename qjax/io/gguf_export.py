@@ -32,6 +32,7 @@ from qjax.core.formats.base import is_quantized
 from qjax.core.formats.qarray import QArray
 from qjax.io import checkpoint, gguf_load
 from qjax.models import CausalLM
+from qjax.models.families import FAMILIES
 
 BLOCK = 32
 
@@ -94,8 +95,7 @@ def export_gguf(dest, params, model: CausalLM, *, source, overwrite: bool = Fals
   "dense": {linear tensor: why}, "bytes", "fp16_bytes"}``."""
   import gguf
   fam, c = model.family, model.config
-  if fam.gguf_arch is None:
-    raise InputError(f"GGUF export supports {', '.join(sorted(gguf_load.ARCHS))} models, not {fam.name}")
+  check_exportable(c)
   if dense_type not in ("F16", "F32"):
     raise InputError(f"dense GGUF type must be F16 or F32, got {dense_type!r}")
   source = Path(source)
@@ -137,6 +137,17 @@ def export_gguf(dest, params, model: CausalLM, *, source, overwrite: bool = Fals
   return {"path": str(dest), "types": types, "dense": dense, "bytes": dest.stat().st_size, "fp16_bytes": fp16}
 
 
+def check_exportable(config) -> None:
+  """Raises InputError (before any long work) for an architecture GGUF export cannot write: a family without a
+  GGUF spelling (OPT) or a RoPE scaling other than linear."""
+  fam = FAMILIES[config.family]
+  if fam.gguf_arch is None:
+    raise InputError(f"GGUF export supports {', '.join(sorted(gguf_load.ARCHS))} models, not {fam.name}")
+  kind = config.rope_scaling_dict.get("rope_type")
+  if kind not in (None, "linear"):
+    raise InputError(f"GGUF export: RoPE scaling {kind!r} is not supported (default, linear)")
+
+
 def summary_line(export: dict) -> str:
   """One terminal line: tensors per GGUF type, the linears written dense and why, file size against fp16."""
   from collections import Counter
@@ -164,12 +175,10 @@ def _architecture(w, c, name: str):
   w.add_layer_norm_rms_eps(c.norm_eps)
   w.add_vocab_size(c.vocab_size)
   scaling = c.rope_scaling_dict
-  if scaling.get("rope_type") == "linear":
+  if scaling.get("rope_type") == "linear":  # the only scaling check_exportable lets through
     import gguf
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(float(scaling["factor"]))
-  elif scaling:
-    raise InputError(f"GGUF export: RoPE scaling {scaling.get('rope_type')!r} is not supported (default, linear)")
 
 
 def _tokenizer_fields(source: Path) -> dict:

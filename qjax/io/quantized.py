@@ -50,7 +50,10 @@ def load(path, dtype: str = "float32") -> Loaded:
 def save(q: Quantized, path, *, source_dir, overwrite: bool = False, method: dict | None = None) -> Path:
   """Writes ``q`` as a qjax checkpoint (atomically; the recipe, and a KVQuant calibration, travel with it);
   ``source_dir``: the float model's folder (its config and tokenizer files are copied); ``method``: the record of
-  what ran (default :func:`~qjax.api.pipeline.method_record`; a model re-saved after loading keeps its own)."""
+  what ran (default :func:`~qjax.api.pipeline.method_record`; a model re-saved after loading keeps its own).
+  ``source_dir`` may also be the GGUF file (or named model) the model came from: its cached HF view is used."""
+  source = assets.model_path(source_dir)
+  source_dir = gguf_load.hf_view(source) if gguf_load.is_gguf(source) else source
   return checkpoint.save(path, q.params, source_dir=source_dir, dtype=q.model.dtype,
                          method=method_record(q) if method is None else method,
                          overwrite=overwrite, recipe=q.recipe.to_dict(),

@@ -31,7 +31,7 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, stories_dir):
+def runs(tmp_path_factory, stories_dir, opt_dir, llama_dir):
   t = tmp_path_factory.mktemp("gguf-cli")
   model, params = load_model(stories_dir)
   gguf_export.export_gguf(t / "fp.gguf", params, model, source=stories_dir, dense_type="F32")
@@ -51,6 +51,8 @@ def runs(tmp_path_factory, stories_dir):
       "cut": ["--model", t / "cut.gguf", *FAST],
       "exists": ["--model", t / "fp.gguf", "--method", "rtn", "--export-gguf", t / "taken.gguf", *FAST],
       "dense_type_alone": ["--model", t / "fp.gguf", "--gguf-dense-type", "F32", *FAST],
+      "opt": ["--model", opt_dir, "--method", "rtn", "--export-gguf", t / "opt.gguf", *FAST],
+      "llama3_rope": ["--model", llama_dir, "--method", "rtn", "--export-gguf", t / "l3.gguf", *FAST],
   }
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     futures = {k: pool.submit(_cli, *v) for k, v in cases.items()}
@@ -87,7 +89,9 @@ def test_quantize_a_gguf_export_gguf_and_save(runs):
 @pytest.mark.parametrize("case,words", [("arch", ["architecture 'gpt2'", "supported: llama"]),
                                         ("cut", ["damaged or truncated GGUF"]),
                                         ("exists", ["already exists", "--overwrite"]),
-                                        ("dense_type_alone", ["--gguf-dense-type", "--export-gguf"])])
+                                        ("dense_type_alone", ["--gguf-dense-type", "--export-gguf"]),
+                                        ("opt", ["supports llama models, not opt"]),
+                                        ("llama3_rope", ["RoPE scaling 'llama3'"])])
 def test_bad_input(runs, case, words):
   t, r = runs
   proc = r[case]
@@ -96,3 +100,4 @@ def test_bad_input(runs, case, words):
   for w in words:
     assert w in err, (w, err)
   assert (t / "taken.gguf").read_bytes() == b"keep me"
+  assert not (t / "opt.gguf").exists() and not (t / "l3.gguf").exists()

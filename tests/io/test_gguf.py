@@ -14,6 +14,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import hf_reference
+import qjax
 from qjax import api
 from qjax.calibration import calibration_windows
 from qjax.core import tree
@@ -122,18 +123,21 @@ def test_loaded_record_and_cached_view(tmp_path, src_dir, monkeypatch):
   monkeypatch.setenv("QJAX_CACHE", str(tmp_path / "cache"))
   path = write_reference_gguf(tmp_path / "m.gguf", src_dir, Q.Q8_0)
   before = path.read_bytes()
-  m = api_load(path)
+  m = qjax.load(path)
   view = gguf_load.hf_view(path)
   assert (view / "config.json").is_file() and view.parent.parent == tmp_path / "cache"
   text = "Once upon a time, there was a little girl."
   want = transformers.AutoTokenizer.from_pretrained(str(src_dir))(text)["input_ids"]
   assert m.tokenizer(text)["input_ids"] == want and m.meta is None
   assert gguf_load.hf_view(path) == view and path.read_bytes() == before  # reused; the source only read
-
-
-def api_load(path):
-  import qjax
-  return qjax.load(path)
+  # qjax.save takes the GGUF file as the source: the checkpoint gets the view's config and tokenizer
+  q = api.quantize_model(m.model, m.params, api.Recipe(weights=(api.Rule(m.model.family.linear_pattern,
+                                                                         RTNConfig(bits=4, group_size=32)),)))
+  qjax.save(q, tmp_path / "ck", source_dir=path)
+  back = qjax.load(tmp_path / "ck")
+  assert back.tokenizer(text)["input_ids"] == want and back.recipe == q.recipe
+  np.testing.assert_array_equal(np.asarray(back.model.apply(back.params, np.asarray([want]))[0]),
+                                np.asarray(q.model.apply(q.params, np.asarray([want]))[0]))
 
 
 def test_bad_gguf_files(tmp_path, src_dir):
