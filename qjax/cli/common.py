@@ -109,6 +109,18 @@ def load_model(args):
   return model, params, {"method": {"name": "hf-gptq", "config": config}, "loaded": "HF GPTQ checkpoint"}
 
 
+def calibration_text(args) -> Path:
+  """``--calib-text``, else the named calibration text: ``--calib-dataset``, else the calibration text paired with
+  the first named evaluation text (never the evaluation text itself), else TinyStories'."""
+  if getattr(args, "calib_text", None):
+    return Path(args.calib_text)
+  name = getattr(args, "calib_dataset", None)
+  if name is None:
+    named = [n.strip() for n in (getattr(args, "ppl_datasets", None) or "").split(",")]
+    name = next((n for n in named if n in assets.CALIB_DATASETS), "tinystories")
+  return assets.named_text(name, assets.CALIB_DATASETS)
+
+
 def write_json(path, obj):
   """Atomic JSON write (temporary file + rename; missing parent folders created)."""
   with checkpoint.atomic_file(path) as f:

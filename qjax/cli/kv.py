@@ -11,10 +11,10 @@ import dataclasses
 import jax.numpy as jnp
 
 from qjax import calibration
+from qjax.cli import common as cli
 from qjax.cli import options
 from qjax.core.errors import InputError
 from qjax.evaluation.generation import cache_bytes_per_token
-from qjax.io import assets
 from qjax.io import text as data
 from qjax.methods import registry
 from qjax.methods.kv import kivi, kvquant
@@ -90,9 +90,9 @@ def resolve_saved(args, given, saved: dict | None, kv_calibration: dict | None):
 
 
 def calibration_windows(args, model: CausalLM, tokenizer, cfg: kvquant.KVQuantConfig):
-  """KVQuant's calibration windows: ``cfg.nsamples`` seeded windows of the calibration text flags' text."""
-  path = getattr(args, "calib_text", None) or assets.named_text(
-      getattr(args, "calib_dataset", None) or "tinystories", assets.CALIB_DATASETS)
+  """KVQuant's calibration windows: ``cfg.nsamples`` seeded windows of the calibration text
+  (:func:`qjax.cli.common.calibration_text`)."""
+  path = cli.calibration_text(args)
   tokens = data.tokenize(tokenizer, data.read_text(path))
   return calibration.calibration_windows(model, tokens, cfg.nsamples, cfg.seqlen, args.seed)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qjax import api
 from qjax.calibration import Calibration, calibration_windows
+from qjax.cli import common as cli
 from qjax.cli import options
 from qjax.core import tree
 from qjax.core.errors import InputError
@@ -30,8 +31,9 @@ def add_args(p: argparse.ArgumentParser):
   c = p.add_argument_group("calibration (calibrated methods, --zq-lkd, --smoothquant, --kv-method kvquant)")
   src = c.add_mutually_exclusive_group()
   src.add_argument("--calib-text", help="calibration text file")
-  src.add_argument("--calib-dataset", default="tinystories",
-                   help=f"named calibration text ({', '.join(assets.CALIB_DATASETS)}; default tinystories)")
+  src.add_argument("--calib-dataset", choices=tuple(assets.CALIB_DATASETS),
+                   help="named calibration text (default: the one paired with the first named --ppl-datasets "
+                        "text, e.g. WikiText-2 validation for wikitext2; else tinystories)")
   c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
   c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 2048 capped at the model context)")
   options.add_flags(p, _configs(), "--method")
@@ -75,11 +77,9 @@ def validate(args, cfg):
     raise InputError(f"--nsamples must be positive, got {args.nsamples}")
   if args.calib_seqlen is not None and args.calib_seqlen < 2:
     raise InputError(f"--calib-seqlen must be at least 2, got {args.calib_seqlen}")
-  if args.calib_text:
-    if not Path(args.calib_text).is_file():
-      raise InputError(f"--calib-text file {args.calib_text} does not exist")
-  else:
-    assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)
+  if args.calib_text and not Path(args.calib_text).is_file():
+    raise InputError(f"--calib-text file {args.calib_text} does not exist")
+  cli.calibration_text(args)
 
 
 def validate_for_model(model, params, recipe):
@@ -113,7 +113,7 @@ def calibration_data(args, model, tokenizer, seed: int) -> Calibration:
   seqlen = args.calib_seqlen or min(2048, model.config.max_position_embeddings)
   if seqlen > model.config.max_position_embeddings:
     raise InputError(f"--calib-seqlen {seqlen} exceeds the model context ({model.config.max_position_embeddings})")
-  path = args.calib_text or assets.named_text(args.calib_dataset, assets.CALIB_DATASETS)
+  path = cli.calibration_text(args)
   tokens = data.tokenize(tokenizer, data.read_text(path))
   if len(tokens) < seqlen + 1:
     default = min(2048, model.config.max_position_embeddings)
