@@ -37,7 +37,8 @@ FORMAT = "qjax-checkpoint-v1"
 LEGACY_FORMAT_MODULES = {"qjax.qarray": "qjax.core.formats.qarray", "qjax.int8": "qjax.core.formats.int8",
                          "qjax.methods.spqr": "qjax.core.formats.spqr"}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                   "gguf_tokenizer.json")  # the last: a GGUF source's tokenizer metadata (qjax.io.gguf_load)
 
 
 def check_destination(dest, overwrite: bool, what: str = "output path") -> Path:

@@ -182,12 +182,17 @@ def _architecture(w, c, name: str):
 
 
 def _tokenizer_fields(source: Path) -> dict:
-  """``{key: (value, GGUFValueType, array item type)}`` of the ``tokenizer.*`` metadata to write."""
+  """``{key: (value, GGUFValueType, array item type)}`` of the ``tokenizer.*`` metadata to write: a GGUF
+  source's (or, for a folder made from one, its ``gguf_tokenizer.json``), else converted from its HF tokenizer."""
+  import gguf
   if gguf_load.is_gguf(source):
-    reader = gguf_load.open_reader(source)
-    return {k: (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-            for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-  return _hf_tokenizer_fields(source)
+    items = gguf_load.tokenizer_metadata(gguf_load.open_reader(source))
+  elif (source / gguf_load.GGUF_TOKENIZER_FILE).is_file():  # a view or a checkpoint of a GGUF model
+    items = json.loads((source / gguf_load.GGUF_TOKENIZER_FILE).read_text())
+  else:
+    return _hf_tokenizer_fields(source)
+  T = gguf.GGUFValueType
+  return {k: (v, T(t), None if sub is None else T(sub)) for k, v, t, sub in items}
 
 
 def _hf_tokenizer_fields(folder: Path) -> dict:

@@ -9,9 +9,11 @@ Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) is read as float, one tensor at
 without ``output.weight`` ties its embeddings.
 
 The tokenizer (and chat template) come from the GGUF metadata through transformers' GGUF conversion, which takes
-seconds, so :func:`hf_view` keeps the converted tokenizer and the derived ``config.json`` in a cache folder
-(``$QJAX_CACHE``, default ``~/.cache/qjax``, keyed by the file's size and leading bytes): the folder the rest of
-qjax reads a model's config and tokenizer from (saving, HF GPTQ export). The GGUF file itself is only read.
+seconds, so :func:`hf_view` keeps the converted tokenizer, the derived ``config.json`` and the raw ``tokenizer.*``
+metadata (``gguf_tokenizer.json``, which checkpoints copy, so a GGUF export of a checkpoint writes the source's
+tokenizer back unchanged) in a cache folder (``$QJAX_CACHE``, default ``~/.cache/qjax``, keyed by the file's size
+and leading bytes): the folder the rest of qjax reads a model's config and tokenizer from (saving, HF GPTQ
+export). The GGUF file itself is only read.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from qjax.models.config import DTYPES
 from qjax.models.families import FAMILIES
 
 ARCHS = {f.gguf_arch: f for f in FAMILIES.values() if f.gguf_arch}
-_VIEW_VERSION = 1  # bump when the cached view's contents change
+_VIEW_VERSION = 2  # bump when the cached view's contents change
 
 
 def is_gguf(path) -> bool:
@@ -155,6 +157,16 @@ def load_model(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
   return model, tree.unflatten(flat)
 
 
+GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"  # the source's tokenizer.* metadata, carried by views and checkpoints
+
+
+def tokenizer_metadata(reader) -> list:
+  """``[[key, value, value type, array item type or None], ...]`` of the ``tokenizer.*`` metadata (JSON-able; what
+  a GGUF export writes back unchanged)."""
+  return [[k, f.contents(), int(f.types[0]), int(f.types[-1]) if len(f.types) > 1 else None]
+          for k, f in reader.fields.items() if k.startswith("tokenizer.")]
+
+
 def cache_root() -> Path:
   return Path(os.environ.get("QJAX_CACHE") or Path.home() / ".cache" / "qjax")
 
@@ -187,6 +199,7 @@ def hf_view(path) -> Path:
     with checkpoint.atomic_dir(dest) as tmp:  # a concurrent build of the same view just replaces it
       (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
       tok.save_pretrained(str(tmp))
+      (tmp / GGUF_TOKENIZER_FILE).write_text(json.dumps(tokenizer_metadata(reader)))
       (tmp / "source.json").write_text(json.dumps({"gguf": str(path)}) + "\n")
   except OSError as e:
     raise InputError(f"cannot write the GGUF view cache {dest} ({e.strerror or e}): set QJAX_CACHE to a "

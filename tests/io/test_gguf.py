@@ -168,6 +168,10 @@ def test_loaded_record_and_cached_view(tmp_path, src_dir, monkeypatch):
   assert back.tokenizer(text)["input_ids"] == want and back.recipe == q.recipe
   np.testing.assert_array_equal(np.asarray(back.model.apply(back.params, np.asarray([want]))[0]),
                                 np.asarray(q.model.apply(q.params, np.asarray([want]))[0]))
+  # a GGUF export of that checkpoint writes the source's tokenizer metadata back unchanged
+  gguf_export.export_gguf(tmp_path / "again.gguf", back.params, back.model, source=tmp_path / "ck")
+  meta = lambda f: {k: v.contents() for k, v in gguf.GGUFReader(f).fields.items() if k.startswith("tokenizer.")}
+  assert meta(tmp_path / "again.gguf") == meta(path)
 
 
 def test_bad_gguf_files(tmp_path, src_dir):
