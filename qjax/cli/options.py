@@ -90,7 +90,7 @@ def build(config_type, args, given: frozenset[str]):
   then names the flags given (``... got 9 (given: --wbits 9)``)."""
   try:
     return config_type(**given_values(config_type, args, given))
-  except (InputError, TypeError, ValueError) as e:
+  except (InputError, ValueError) as e:
     shown = " ".join(f"{fl.name} {_show(getattr(args, fl.dest))}" for fl in flags(config_type).values()
                      if fl.dest in given)
     raise InputError(f"{e} (given: {shown})" if shown else str(e)) from None

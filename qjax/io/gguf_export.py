@@ -21,6 +21,7 @@ from the HF folder's tokenizer (SentencePiece ``tokenizer.model`` -> ``llama``; 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,8 +85,7 @@ def _permute_rows(w, heads: int):
     return gguf_load.permute(np.asarray(w), heads)
   idx = gguf_load.permute(np.arange(w.shape[0]), heads)
   take = lambda a: None if a is None else np.asarray(a)[idx]
-  return QArray(take(w.codes), take(w.scale), take(w.zero), w.perm, shape=w.shape, bits=w.bits,
-                group_size=w.group_size, sym=w.sym, word_bits=w.word_bits, dtype=w.dtype)
+  return dataclasses.replace(w, codes=take(w.codes), scale=take(w.scale), zero=take(w.zero))
 
 
 def export_gguf(dest, params, model: CausalLM, *, source, overwrite: bool = False, dense_type: str = "F16",

@@ -146,9 +146,11 @@ def load_model(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
   for name, p in wanted.items():
     t = tensors[name]
     try:
-      a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shapes[p])
+      a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     except (ValueError, NotImplementedError, TypeError) as e:
       raise InputError(f"cannot read tensor {name} ({t.tensor_type.name}) of {path}: {e}") from None
+    if a.shape != tuple(shapes[p]):
+      raise InputError(f"GGUF tensor {name} in {path} has shape {a.shape}, its metadata implies {tuple(shapes[p])}")
     if p in heads:
       a = unpermute(a, heads[p])
     if not np.all(np.isfinite(a)):
