@@ -11,7 +11,8 @@ from qjax.models.config import ModelConfig
 class SelfAttention(nn.Module):
   """q/k/v projections, optional RoPE on q and k, grouped-query attention, output projection.
 
-  ``x [b, t, hidden]``, ``positions [b, t]`` int, ``mask [b, t, s]`` bool. Without a cache ``s = t``; with a
+  ``x [b, t, hidden]``, ``positions [b, t]`` int, ``mask [b, t, s]`` bool. Without a cache ``s = t`` and the mask
+  is causal (:func:`qjax.models.decoder.masks_and_positions`; attention skips the hidden keys); with a
   layer cache (see :mod:`qjax.models.kv_cache`) the new keys (before RoPE, with the rotation to apply) and
   values are written at ``cache_index`` and attention reads the cache's ``s = max_len`` slots. Without a cache
   and with the ``kv_past`` hook, that hook computes the attention (quantized-cache simulation). Returns
@@ -48,5 +49,5 @@ class SelfAttention(nn.Module):
       return lin(self.out_name, h * d, c.hidden_size)(o), None
     if rope is not None:
       k = rope(k, positions)
-    o = layers.attention(q, k, v, mask, d**-0.5, self.hooks).reshape(b, t, h * d)
+    o = layers.attention(q, k, v, mask, d**-0.5, self.hooks, causal=True).reshape(b, t, h * d)
     return lin(self.out_name, h * d, c.hidden_size)(o), None

@@ -49,3 +49,27 @@ def test_qmatmul_paths_are_named():
   assert path_name(q) == "emulated (dequantize + matmul)"
   assert path_name(np.ones((4, 8))) == "dense"
   assert OP.implementations()[0] == "xla" and isinstance(q, QArray)
+
+
+@pytest.mark.parametrize("probs_bits", [None, 4])
+def test_causal_blocks_equal_one_call(probs_bits):
+  """Query blocks reading only their keys' prefix give the one-call result (for every query that sees a key; left
+  padding included), also with a
+  per-token quantizer of the probabilities, whose range contains 0 whatever trailing zeros are cut."""
+  from qjax.kernels.kv_attention import xla
+  from qjax.methods.activations.quantizers import TokenQuantizer
+  from qjax.models.layers import ActivationHooks, causal_mask
+  rng = np.random.default_rng(0)
+  b, t, h, kvh, d = 2, 37, 6, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kvh, kvh))
+  mask = causal_mask(jnp.asarray(np.arange(t)[None] >= np.array([[0], [5]]), jnp.int32))
+  hooks = ActivationHooks(attn_probs=None if probs_bits is None else TokenQuantizer(probs_bits))
+  full = xla.attention(q, k, v, mask, 0.3, hooks)
+  attend = lambda q, mask, k, v: xla.attention(q, k, v, mask, 0.3, hooks)
+  blocked = xla.causal_blocks(attend, q, (mask,), (k, v), block=8)
+  real = np.asarray(mask).any(-1)            # padding queries see no key: their (unused) output is arbitrary
+  np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(full)[real], rtol=1e-5, atol=1e-6)
+  # a non-causal mask is what the promise excludes: the blocks then differ
+  open_mask = jnp.ones_like(mask)
+  assert not np.allclose(xla.causal_blocks(attend, q, (open_mask,), (k, v), block=8),
+                         xla.attention(q, k, v, open_mask, 0.3, hooks), atol=1e-3)

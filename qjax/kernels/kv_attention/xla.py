@@ -10,20 +10,55 @@ def _apply(hook, x):
   return x if hook is None else hook(x)
 
 
-def attention(q, k, v, mask, scale: float, hooks=None):
+CAUSAL_BLOCK = 128   # query rows per block of :func:`causal_blocks` (measured best for T = 2048 on CPU)
+
+
+def attention(q, k, v, mask, scale: float, hooks=None, *, causal: bool = False):
   """Grouped-query attention. ``q [b, t, h, d]``, ``k, v [b, s, kvh, d]``, ``mask [b, t, s]`` bool; ``hooks``
   (optional, e.g. :class:`qjax.models.layers.ActivationHooks`) may quantize the operands (``attn_q``, ``attn_k``,
-  ``attn_probs``, ``attn_v``). Scores and softmax in float32; returns ``[b, t, h, d]`` in ``q.dtype``."""
+  ``attn_probs``, ``attn_v``). Scores and softmax in float32; returns ``[b, t, h, d]`` in ``q.dtype``.
+
+  ``causal=True`` promises a self-attention mask (``s = t``, key ``s`` hidden from query ``t < s``) and computes
+  the same result in query blocks that skip the hidden keys (:func:`causal_blocks`)."""
+  get = lambda name: getattr(hooks, name, None)
+  q, k, v = _apply(get("attn_q"), q), _apply(get("attn_k"), k), _apply(get("attn_v"), v)
+  attend = lambda q, mask, k, v: _attend(q, k, v, mask, scale, get("attn_probs"))
+  return causal_blocks(attend, q, (mask,), (k, v)) if causal else attend(q, mask, k, v)
+
+
+def _attend(q, k, v, mask, scale, probs_hook):
   b, t, h, d = q.shape
   kvh = k.shape[2]
-  get = lambda name: getattr(hooks, name, None)
-  q = _apply(get("attn_q"), q).reshape(b, t, kvh, h // kvh, d)
-  k, v = _apply(get("attn_k"), k), _apply(get("attn_v"), v)
+  q = q.reshape(b, t, kvh, h // kvh, d)
   s = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * scale
   s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-  p = _apply(get("attn_probs"), jax.nn.softmax(s, axis=-1).astype(v.dtype))
+  p = _apply(probs_hook, jax.nn.softmax(s, axis=-1).astype(v.dtype))
   o = jnp.einsum("bgrts,bsgd->btgrd", p, v)
   return o.reshape(b, t, h, d)
+
+
+def causal_blocks(attend, q, masks: tuple, keys: tuple, block: int | None = None):
+  """``attend(q, *masks, *keys)`` computed per block of ``block`` query rows (default :data:`CAUSAL_BLOCK`), each
+  block reading only the keys up to its last row: ``q [b, t, ...]``, ``masks`` arrays ``[b | 1, t, s]`` and
+  ``keys`` arrays ``[b, s, ...]`` with ``s = t``; ``attend`` returns ``[b, t_block, ...]``.
+
+  Equal to one call on everything (up to float summation order; for every query that sees at least one key: a
+  left-padding query, whose output nothing reads, averages a different number of hidden keys) when every mask
+  hides key ``s > t`` from query ``t`` and ``attend`` treats each query row on its own: the keys skipped are masked, so their probabilities are
+  exactly 0. A per-row quantizer of the probabilities (``attn_probs``) sees the same row minus trailing zeros,
+  which leaves a range that contains 0 (all of qjax's) unchanged. Halves the score work at long ``t`` and keeps
+  each block's ``[block, s]`` scores in cache: at ``t = 2048`` one SmolLM2 attention (9 heads, 3 KV heads) takes
+  132 ms instead of 509 ms on this CPU, a whole 2048-token window 6.7 s instead of 10.7 s (compilation 9 s
+  instead of 1.4 s: blocks of 64 gain 3% more for twice the compile time)."""
+  block = block or CAUSAL_BLOCK
+  t = q.shape[1]
+  if t <= block:
+    return attend(q, *masks, *keys)
+  outs = []
+  for i0 in range(0, t, block):
+    i1 = min(i0 + block, t)
+    outs.append(attend(q[:, i0:i1], *(m[:, i0:i1, :i1] for m in masks), *(x[:, :i1] for x in keys)))
+  return jnp.concatenate(outs, axis=1)
 
 
 def update_then_attend(layer_cache, q, k_new, v_new, *, index, positions, rope, mask, scale, hooks=None):

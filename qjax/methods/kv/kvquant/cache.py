@@ -155,6 +155,6 @@ def past_hook(calib: KVQuantCalibration):
     v_hat = jnp.where(exact, v, quantize_values(v, layer).dequantize(v.dtype))
     if rope is not None:
       k_hat = rope(k_hat, positions)
-    return layers.attention(q, k_hat, v_hat, mask, scale, layers.ActivationHooks())
+    return layers.attention(q, k_hat, v_hat, mask, scale, layers.ActivationHooks(), causal=True)
 
   return kv_past
