@@ -66,11 +66,13 @@ class Op:
       raise TypeError(f"{self.name}: no reference for {type(arg).__name__}")
     return out + [("xla", ref)]
 
-  def __call__(self, *args, implementation: str = "auto", **kwargs):
+  def __call__(self, *args, implementation: str = "auto", fallback: bool = True, **kwargs):
+    """Runs the first applicable implementation; ``fallback=False`` (tests of a named implementation) raises its
+    ``NotImplementedError`` instead of running the reference."""
     for name, fn in self.select(*args, implementation=implementation):
       try:
         return fn(*args, **kwargs)
       except NotImplementedError:
-        if name == "xla":
+        if name == "xla" or not fallback:
           raise
     raise AssertionError("unreachable: the reference either returns or raises")

@@ -3,6 +3,7 @@ base and sets ``implementation``; the base checks it against an independent NumP
 formats, with fresh random inputs per case."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -15,9 +16,26 @@ from qjax.kernels.qmatmul import qmatmul
 from qjax.methods.weights import rtn
 from qjax.models.kv_cache import KVCache
 
-QMATMUL_GRID = [dict(n_in=n_in, n_out=n_out, m=m, bits=bits, group_size=g, sym=sym)
-                for (n_in, n_out), m, bits, g, sym in itertools.product(
-                    [(64, 48), (172, 40)], [1, 3], [2, 3, 4, 8], [-1, 32], [False, True])]
+# (in, out, M): in-features 172 (partial groups for 32/64/128), 576 (partial for 128), 1536, 4096; out-features that
+# are no multiple of a power-of-two block; M = 1, 3, 16, 64.
+_SHAPES = [(172, 40, 1), (576, 200, 3), (1536, 72, 16), (4096, 24, 64)]
+# every (bits, group, sym) once, the shapes, permutation and activation dtype rotating through them
+QMATMUL_GRID = [dict(n_in=n_in, n_out=n_out, m=m, bits=bits, group_size=g, sym=sym, perm=i % 2 == 1,
+                     dtype="bfloat16" if i % 4 == 3 else "float32")
+                for i, (bits, g, sym) in enumerate(itertools.product([2, 3, 4, 8], [-1, 32, 64, 128], [False, True]))
+                for n_in, n_out, m in [_SHAPES[(i + i // 4) % 4]]]
+
+
+def grid_qarray(case: dict, rng: np.random.Generator):
+  """The case's random ``(x [m, in], QArray)``: RTN codes of a normal matrix with float16 scales (the stored
+  dtype), and with ``perm`` a random column permutation (act-order storage)."""
+  w = jnp.asarray(rng.normal(size=(case["n_out"], case["n_in"])), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(case["m"], case["n_in"])), case["dtype"])
+  q = rtn.quantize_weight(w, bits=case["bits"], group_size=case["group_size"], sym=case["sym"],
+                          scale_dtype="float16")
+  if case["perm"]:
+    q = dataclasses.replace(q, perm=jnp.asarray(rng.permutation(case["n_in"]), jnp.int32))
+  return x, q
 
 
 def numpy_qmatmul(x: np.ndarray, q) -> np.ndarray:
@@ -35,18 +53,29 @@ def numpy_qmatmul(x: np.ndarray, q) -> np.ndarray:
 
 
 class QMatmulBase:
-  """``qmatmul`` over QArrays (2/3/4/8 bits, per channel and g32 with a partial last group, sym/asym)."""
+  """``qmatmul`` over QArrays (:data:`QMATMUL_GRID`): the implementation named ``implementation`` (no fallback to
+  the reference: a case it does not support must be listed by :meth:`unsupported`) against a NumPy float64 spec,
+  fresh random inputs per case."""
   implementation = "xla"
+
+  def unsupported(self, case: dict) -> str | None:
+    """Why the implementation refuses ``case`` (the test then checks that it raises NotImplementedError), or None."""
+    return None
 
   @pytest.mark.parametrize("case", QMATMUL_GRID, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
   def test_equals_numpy_spec(self, case):
     rng = np.random.default_rng(hash(tuple(case.values())) % 2**32)
-    w = jnp.asarray(rng.normal(size=(case["n_out"], case["n_in"])), jnp.float32)
-    x = jnp.asarray(rng.normal(size=(case["m"], case["n_in"])), jnp.float32)
-    q = rtn.quantize_weight(w, bits=case["bits"], group_size=case["group_size"], sym=case["sym"],
-                            scale_dtype="float32")
-    got = jax.jit(lambda x, q: qmatmul(x, q, implementation=self.implementation))(x, q)
-    np.testing.assert_allclose(np.asarray(got), numpy_qmatmul(np.asarray(x), q), rtol=2e-5, atol=2e-5)
+    x, q = grid_qarray(case, rng)
+    call = jax.jit(lambda x, q: qmatmul(x, q, implementation=self.implementation, fallback=False))
+    if (reason := self.unsupported(case)) is not None:
+      with pytest.raises(NotImplementedError):
+        call(x, q)
+      pytest.skip(reason)
+    got = call(x, q)
+    assert got.dtype == x.dtype and got.shape == (case["m"], case["n_out"])
+    want = numpy_qmatmul(np.asarray(x.astype(jnp.float32)), q)
+    tol = 2e-2 if case["dtype"] == "bfloat16" else 2e-5
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=tol, atol=tol * np.abs(want).max())
 
   def test_dense_weight(self):
     rng = np.random.default_rng(0)

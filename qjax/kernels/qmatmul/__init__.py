@@ -24,9 +24,10 @@ OP.reference(Int8Array)(xla.int8)
 OP.reference(LLMInt8Array)(xla.llm_int8)
 
 
-def qmatmul(x: jax.Array, w, act=None, *, implementation: str = "auto") -> jax.Array:
-  """``x [..., in] @ w[out, in]^T -> [..., out]`` in ``x.dtype`` through the dispatcher."""
-  return OP(x, w, act, implementation=implementation)
+def qmatmul(x: jax.Array, w, act=None, *, implementation: str = "auto", fallback: bool = True) -> jax.Array:
+  """``x [..., in] @ w[out, in]^T -> [..., out]`` in ``x.dtype`` through the dispatcher (``fallback``: see
+  :meth:`qjax.kernels.dispatch.Op.__call__`)."""
+  return OP(x, w, act, implementation=implementation, fallback=fallback)
 
 
 def path_name(w, act=None, implementation: str = "auto") -> str:
