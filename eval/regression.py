@@ -6,6 +6,7 @@ number is unchanged (same seed: identical to 1e-6 relative). Prints JSON (``--ma
     python eval/regression.py --out before.json          # before a change
     python eval/regression.py --compare before.json      # after it: max relative difference per recipe
     python eval/regression.py --suite smollm2 --only rtn_w4_g64,gptq_w4_g64 --markdown
+    python eval/regression.py --merge a.json b.json --out all.json --markdown   # rows of several runs in one
 
 Suites (``--suite``):
   stories   stories260K; TinyStories eval text, seqlen 256, all 631 windows; calibration 128 windows of 256
@@ -146,7 +147,10 @@ def main(argv=None):
   p.add_argument("--compare", help="an earlier --out file: report the relative difference of every perplexity")
   p.add_argument("--workers", type=int, default=2)
   p.add_argument("--markdown", action="store_true", help="also print a Markdown table to stderr")
+  p.add_argument("--merge", nargs="+", metavar="FILE", help="combine earlier --out files of one suite (no run)")
   args = p.parse_args(argv)
+  if args.merge:
+    return _merge(args)
   suite = SUITES[args.suite]
   names = args.only.split(",") if args.only else list(suite.recipes)
   if unknown := sorted(set(names) - set(suite.recipes)):
@@ -165,6 +169,20 @@ def main(argv=None):
   if args.compare:
     diffs = [r["rel_diff_vs_compare"] for r in rows.values() if "rel_diff_vs_compare" in r]
     out["max_rel_diff_vs_compare"] = max(diffs) if diffs else None
+  _emit(out, rows, suite, args)
+
+
+def _merge(args):
+  runs = [json.loads(Path(f).read_text()) for f in args.merge]
+  if len({r["suite"] for r in runs}) != 1:
+    sys.exit(f"--merge: the files come from different suites ({sorted({r['suite'] for r in runs})})")
+  suite = SUITES[runs[0]["suite"]]
+  rows = {n: r for run in runs for n, r in run["recipes"].items()}
+  rows = {n: rows[n] for n in [*suite.recipes, *sorted(set(rows) - set(suite.recipes))] if n in rows}
+  _emit({"suite": runs[0]["suite"], "protocol": runs[0]["protocol"], "recipes": rows}, rows, suite, args)
+
+
+def _emit(out: dict, rows: dict, suite, args):
   text = json.dumps(out, indent=1)
   print(text)
   if args.markdown:

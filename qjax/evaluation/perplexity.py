@@ -29,19 +29,45 @@ def windows(tokens: np.ndarray, seqlen: int, nsamples: int | None = None) -> np.
   return tokens[: n * seqlen].reshape(n, seqlen)
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 22   # float32 logits per chunk of positions (16 MiB)
+
+
+def logits_chunk(vocab: int) -> int:
+  """Positions whose logits :func:`token_nll` materializes at once: a power of two keeping ``chunk * vocab``
+  within :data:`LOGIT_CHUNK_ELEMENTS` (64 for a 49,152-token vocabulary; whole windows for small ones)."""
+  return 1 << max(4, (LOGIT_CHUNK_ELEMENTS // vocab).bit_length() - 1)
+
+
+def token_nll(model, params, ids):
+  """``-log p(ids[:, i + 1] | ids[:, :i + 1])`` for ``i < T - 1``: float32 ``[b, T - 1]`` for ``ids [b, T]``.
+
+  The logits are computed :func:`logits_chunk` positions at a time inside a ``lax.map`` (``logsumexp(z) -
+  z[target]``), so a large vocabulary never holds ``[b, T, vocab]`` float32 logits (400 MB for one 2048-token
+  SmolLM2 window)."""
+  x = model.hidden(params, ids[:, :-1])
+  b, t1, d = x.shape
+  c = min(logits_chunk(model.config.vocab_size), t1)
+  n = -(-t1 // c)
+  x = jnp.pad(x, ((0, 0), (0, n * c - t1), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
+  tgt = jnp.pad(ids[:, 1:], ((0, 0), (0, n * c - t1))).reshape(b, n, c).swapaxes(0, 1)
+
+  def chunk(args):
+    xc, tc = args
+    z = model.head(params, xc)
+    return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0]
+
+  return jax.lax.map(chunk, (x, tgt)).swapaxes(0, 1).reshape(b, n * c)[:, :t1]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def window_nll(model, params, ids, micro_batch: int | None = None):
-  """Mean NLL of positions 1..T-1 of each row of ``ids [b, T]`` -> float32 ``[b]``.
+  """Mean NLL of positions 1..T-1 of each row of ``ids [b, T]`` -> float32 ``[b]`` (:func:`token_nll`).
 
   With ``micro_batch = m`` the ``b`` rows are scored ``m`` at a time inside one compiled ``lax.map`` (``b % m``
   must be 0): on CPU the ``[m, heads, T, T]`` attention scores then stay in cache, about 2x faster than one
   large batch (``eval/bench_ppl.py``).
   """
-  def nll(rows):
-    logits, _ = model.apply(params, rows[:, :-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0], axis=-1)
-
+  nll = lambda rows: jnp.mean(token_nll(model, params, rows), axis=-1)
   if micro_batch is None or micro_batch >= ids.shape[0]:
     return nll(ids)
   return jax.lax.map(nll, ids.reshape(-1, micro_batch, ids.shape[1])).reshape(-1)

@@ -46,6 +46,14 @@ class CausalLM:
     """``(logits float32 [b, t, vocab], cache)``; see :class:`qjax.models.llama.LlamaForCausalLM`."""
     return self.module.apply({"params": params}, input_ids, attention_mask, positions, cache)
 
+  def hidden(self, params, input_ids):
+    """Final hidden states ``[b, t, head_features]`` of unpadded windows ``input_ids [b, t]`` (no cache)."""
+    return self.module.apply({"params": params}, input_ids, method="hidden")
+
+  def head(self, params, x):
+    """float32 logits ``[..., vocab]`` of final hidden states ``x``."""
+    return self.module.apply({"params": params}, x, method="head")
+
   def embed(self, params, input_ids, positions):
     """Input of decoder layer 0 ``[b, t, hidden]`` for ``input_ids, positions [b, t]``."""
     return self.module.apply({"params": params}, input_ids, positions, method="embed")

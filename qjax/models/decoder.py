@@ -88,5 +88,13 @@ class CausalLMModule(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     x, cache = self.model(input_ids, attention_mask, positions, cache)
+    return self.head(x), cache
+
+  def hidden(self, input_ids):
+    """The output projection's input ``[b, t, head_features]`` for unpadded, cache-free ``input_ids [b, t]``."""
+    return self.model(input_ids, jnp.ones(input_ids.shape, jnp.int32), None, None)[0]
+
+  def head(self, x):
+    """float32 logits ``[..., vocab]`` of hidden states ``x [..., head_features]``."""
     logits = self.model.tied_logits(x) if self.config.tie_word_embeddings else self.lm_head(x)
-    return logits.astype(jnp.float32), cache
+    return logits.astype(jnp.float32)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from qjax.kernels.qmatmul import cpu as qmatmul_cpu
+
 COMMON = ["--seqlen", "64", "--eval-nsamples", "8", "--no-progress"]
 
 
@@ -51,7 +53,9 @@ def test_smoothquant_w8a8_int8_round_trip_and_llm_int8_zeroquant_awq(tmp_path):
   assert 8.0 < out3["size"]["bits_per_weight"] < 8.6
   assert r4.returncode == 0, r4.stderr
   out4 = json.loads((tmp_path / "zq.json").read_text())
-  assert out4["config"]["matmul_path"] == ("emulated (dequantize + matmul) on fake-quantized activations, "
+  w4 = ("cpu kernel (native, M <= 16; more rows: emulated)" if qmatmul_cpu.available()
+        else "emulated (dequantize + matmul)")
+  assert out4["config"]["matmul_path"] == (f"{w4} on fake-quantized activations, "
                                            "int8 (int8 x int8 -> int32 dot_general)")  # W4 MLP, W8 attention
   assert all(l["linear_losses"]["mse_after"] < l["linear_losses"]["mse_before"] for l in out4["calibration"]["layers"])
   assert "zeroquant W4/8A8 ppl" in r4.stdout and "mse_after" in r4.stdout

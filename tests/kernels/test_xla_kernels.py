@@ -1,6 +1,8 @@
 """The XLA references against the shared bases, and the dispatcher's rules."""
 from __future__ import annotations
 
+import shutil
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,9 +46,21 @@ def test_dispatch_falls_back_to_the_reference_and_keys_on_the_type_hierarchy():
     op(q4, implementation="pallas")
 
 
+def test_native_cpu_kernel_is_built_where_a_compiler_is():
+  """``pip install -e .`` builds the optional extension whenever a C++ compiler exists, so its tests cannot skip
+  silently on such a machine (CI)."""
+  from qjax.kernels.qmatmul import cpu
+  if shutil.which("c++") is None and shutil.which("g++") is None:
+    pytest.skip("no C++ compiler: the XLA reference serves qmatmul")
+  assert cpu.available(), cpu.IMPORT_ERROR
+
+
 def test_qmatmul_paths_are_named():
+  from qjax.kernels.qmatmul import cpu
   q = rtn.quantize_weight(jnp.ones((4, 8)), bits=4)
-  assert path_name(q) == "emulated (dequantize + matmul)"
+  assert path_name(q, implementation="xla") == "emulated (dequantize + matmul)"
+  assert path_name(q) == ("cpu kernel (native, M <= 16; more rows: emulated)" if cpu.available()
+                          else "emulated (dequantize + matmul)")
   assert path_name(np.ones((4, 8))) == "dense"
   assert OP.implementations()[0] == "xla" and isinstance(q, QArray)
 

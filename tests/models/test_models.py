@@ -45,6 +45,22 @@ def test_llama_gqa_untied_llama3_rope(llama_dir):
   _check_ppl(llama_dir, _ids(c.vocab_size, (2000,), 1), 128)
 
 
+@pytest.mark.parametrize("chunk_elements", [16 * 128, 1 << 22])
+def test_token_nll_in_logit_chunks_equals_torch_cross_entropy(llama_dir, opt_dir, monkeypatch, chunk_elements):
+  """Per-token NLL computed a few positions' logits at a time (here 16 of 99: 7 chunks, the last one padded) equals
+  torch's cross entropy of the full logits, for LLaMA and OPT (project_out before the head)."""
+  import torch
+  monkeypatch.setattr(perplexity, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
+  for path in (llama_dir, opt_dir):
+    model, params = load_model(path)
+    ids = _ids(model.config.vocab_size, (2, 100), 3)
+    ours = np.asarray(jax.jit(perplexity.token_nll, static_argnums=0)(model, params, ids))
+    logits = torch.from_numpy(hf_reference.torch_logits(path, ids[:, :-1]))
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(ids[:, 1:]).long().flatten(),
+                                             reduction="none").reshape(2, 99).numpy()
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
+
+
 def test_llama_tied_sharded(tmp_path):
   path = hf_reference.make_llama_checkpoint(tmp_path, tie_word_embeddings=True, max_shard_size="100KB")
   assert (path / "model.safetensors.index.json").is_file()

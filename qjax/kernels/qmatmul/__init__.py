@@ -22,6 +22,9 @@ OP.reference(object)(xla.dense)
 OP.reference(QuantizedTensor)(xla.emulated)
 OP.reference(Int8Array)(xla.int8)
 OP.reference(LLMInt8Array)(xla.llm_int8)
+from qjax.kernels.qmatmul import cpu  # noqa: F401  (registers the implementation)
+from qjax.kernels.qmatmul import pallas_tpu  # noqa: F401  (registers the implementation)
+from qjax.kernels.qmatmul import pallas_triton  # noqa: F401  (registers the implementation)
 
 
 def qmatmul(x: jax.Array, w, act=None, *, implementation: str = "auto", fallback: bool = True) -> jax.Array:
@@ -32,5 +35,8 @@ def qmatmul(x: jax.Array, w, act=None, *, implementation: str = "auto", fallback
 
 def path_name(w, act=None, implementation: str = "auto") -> str:
   """Which execution path :func:`qmatmul` takes for ``w`` (shown in CLI summaries)."""
-  name, fn = OP.select(None, w, act, implementation=implementation)[0]
-  return fn.path(w, act) if name == "xla" else f"{name} kernel"
+  for name, fn in OP.select(None, w, act, implementation=implementation):
+    path = fn.path(w, act) if hasattr(fn, "path") else f"{name} kernel"
+    if path is not None:            # an implementation's ``path`` is None where it cannot run at all
+      return path
+  raise AssertionError("unreachable: the reference always names its path")

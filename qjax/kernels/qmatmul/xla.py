@@ -27,7 +27,8 @@ def _fake(x, act):
   return x if act is None else act(x)
 
 
-def _suffix(act) -> str:
+def suffix(act) -> str:
+  """The path-name suffix of a call on quantized activations."""
   return " on fake-quantized activations" if act is not None else ""
 
 
@@ -50,8 +51,8 @@ def llm_int8(x, w, act=None):
   return int8_matmul.llm_int8_matmul(x, w)
 
 
-dense.path = lambda w, act: "dense" + _suffix(act)
-emulated.path = lambda w, act: "emulated (dequantize + matmul)" + _suffix(act)
+dense.path = lambda w, act: "dense" + suffix(act)
+emulated.path = lambda w, act: "emulated (dequantize + matmul)" + suffix(act)
 int8.path = lambda w, act: ("int8 (int8 x int8 -> int32 dot_general)" if getattr(act, "supports_int8", False)
                             else emulated.path(w, act))
 llm_int8.path = lambda w, act: "LLM.int8 (int8 dot_general + float outlier columns)"
