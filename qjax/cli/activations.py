@@ -103,7 +103,8 @@ def outlier_config(args) -> OutlierConfig | None:
 def matmul_paths(model, params, act: ActQuantConfig) -> list[str]:
   """The execution paths the decoder linears take (for the summary)."""
   flat, hook = tree.flatten(params), act.hooks().linear_input
-  return sorted({path_name(flat[p], hook) for p in tree.matching(params, (model.family.linear_pattern,))})
+  linears = tree.matching(params, (model.family.linear_pattern,))
+  return sorted({path_name(flat[p], hook, model.kernel) for p in linears})
 
 
 def describe(act: ActQuantConfig, method: str = "none") -> str:

@@ -67,6 +67,10 @@ def add_model_args(p: argparse.ArgumentParser):
                                    "stories260k; default: assets stories260K)")
   src.add_argument("--load", help="a checkpoint saved by qjax (--save)")
   p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES), help="compute dtype")
+  p.add_argument("--kernel", default="auto", choices=models.KERNELS,
+                 help="qmatmul implementation of every linear: auto (the platform's kernels where they apply, else "
+                      "the XLA reference), xla (the reference: dequantize + matmul), or one kernel (falling back to "
+                      "the reference for what it does not cover)")
   p.add_argument("--seed", type=int, default=0)
 
 
@@ -98,10 +102,11 @@ def load_model(args):
   d = model_dir(args)
   if args.load:
     meta = checkpoint.read_meta(d)
-    model = models.CausalLM(models.ModelConfig.from_dir(d), meta["dtype"])
+    model = models.CausalLM(models.ModelConfig.from_dir(d), meta["dtype"], kernel=args.kernel)
     params, meta = checkpoint.load_params(d)
     return model, params, {**meta, "loaded": "qjax checkpoint"}
   model, params = hf.load_model(model_source(args), args.dtype)
+  model = model.with_kernel(args.kernel)
   qc = hf_gptq.quantization_config_of(d)
   if qc is None:
     return model, params, None

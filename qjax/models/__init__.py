@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from qjax.core import tree
+from qjax.kernels import qmatmul
 from qjax.models.config import DTYPES, SUPPORTED_MODEL_TYPES, ModelConfig
 from qjax.models.families import FAMILIES, Family
 from qjax.models.layers import ActivationHooks
 from qjax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from qjax.models.opt import OPTDecoderLayer, OPTForCausalLM
 
+KERNELS = ("auto", *qmatmul.OP.implementations())   # what ``CausalLM.kernel`` accepts
 _CLASSES = {"llama": (LlamaForCausalLM, LlamaDecoderLayer), "opt": (OPTForCausalLM, OPTDecoderLayer)}
 
 __all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "DTYPES", "SUPPORTED_MODEL_TYPES"]
@@ -25,10 +27,17 @@ __all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "DTYPES", "SUPPORTED_MO
 
 @dataclasses.dataclass(frozen=True)
 class CausalLM:
-  """A model architecture: config, compute dtype, activation hooks and the family's declarative map."""
+  """A model architecture: config, compute dtype, activation hooks, the ``qmatmul`` implementation its linears
+  ask for (``kernel``: ``"auto"``, ``"xla"`` or a registered name, see :mod:`qjax.kernels.qmatmul`) and the
+  family's declarative map."""
   config: ModelConfig
   dtype: str = "float32"
   hooks: ActivationHooks = ActivationHooks()
+  kernel: str = "auto"
+
+  def __post_init__(self):
+    if self.kernel not in KERNELS:
+      raise ValueError(f"unknown kernel {self.kernel!r}; known: {', '.join(KERNELS)}")
 
   @property
   def family(self) -> Family:
@@ -36,11 +45,11 @@ class CausalLM:
 
   @property
   def module(self) -> nn.Module:
-    return _CLASSES[self.config.family][0](self.config, self.hooks, DTYPES[self.dtype])
+    return _CLASSES[self.config.family][0](self.config, self.hooks, DTYPES[self.dtype], self.kernel)
 
   def layer_module(self) -> nn.Module:
     """One decoder layer as a standalone module: ``apply({"params": layer_params}, x, positions, mask)``."""
-    return _CLASSES[self.config.family][1](self.config, self.hooks, DTYPES[self.dtype])
+    return _CLASSES[self.config.family][1](self.config, self.hooks, DTYPES[self.dtype], kernel=self.kernel)
 
   def apply(self, params, input_ids, attention_mask=None, positions=None, cache=None):
     """``(logits float32 [b, t, vocab], cache)``; see :class:`qjax.models.llama.LlamaForCausalLM`."""
@@ -66,3 +75,6 @@ class CausalLM:
 
   def with_hooks(self, hooks: ActivationHooks) -> "CausalLM":
     return dataclasses.replace(self, hooks=hooks)
+
+  def with_kernel(self, kernel: str) -> "CausalLM":
+    return dataclasses.replace(self, kernel=kernel)

@@ -25,13 +25,15 @@ class SelfAttention(nn.Module):
   hooks: layers.ActivationHooks
   dtype: jnp.dtype = jnp.float32
   layer: int = 0          # decoder layer index (per-layer KV quantizers of the ``kv_past`` hook)
+  kernel: str = "auto"    # the linears' qmatmul implementation
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
     c = self.config
     b, t, _ = x.shape
     h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
-    lin = lambda n, i, o: layers.Linear(i, o, self.use_bias, self.dtype, self.hooks.linear_input, name=n)
+    lin = lambda n, i, o: layers.Linear(i, o, self.use_bias, self.dtype, self.hooks.linear_input, self.kernel,
+                                        name=n)
     q = lin("q_proj", c.hidden_size, h * d)(x).reshape(b, t, h, d)
     k = lin("k_proj", c.hidden_size, kvh * d)(x).reshape(b, t, kvh, d)
     v = lin("v_proj", c.hidden_size, kvh * d)(x).reshape(b, t, kvh, d)

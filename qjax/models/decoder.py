@@ -59,6 +59,7 @@ class DecoderLayerModule(nn.Module):
   hooks: layers.ActivationHooks = layers.ActivationHooks()
   dtype: jnp.dtype = jnp.float32
   index: int = 0          # position in the stack (passed to the ``kv_past`` hook)
+  kernel: str = "auto"    # the linears' qmatmul implementation
 
 
 class CausalLMModule(nn.Module):
@@ -70,6 +71,7 @@ class CausalLMModule(nn.Module):
   config: ModelConfig
   hooks: layers.ActivationHooks = layers.ActivationHooks()
   dtype: jnp.dtype = jnp.float32
+  kernel: str = "auto"    # the qmatmul implementation of every linear and of the output projection
   backbone: ClassVar[type]
 
   def head_features(self) -> int:
@@ -77,9 +79,10 @@ class CausalLMModule(nn.Module):
 
   def setup(self):
     c = self.config
-    self.model = self.backbone(c, self.hooks, self.dtype)
+    self.model = self.backbone(c, self.hooks, self.dtype, self.kernel)
     if not c.tie_word_embeddings:
-      self.lm_head = layers.Linear(self.head_features(), c.vocab_size, False, self.dtype)
+      self.lm_head = layers.Linear(self.head_features(), c.vocab_size, False, self.dtype,
+                                   implementation=self.kernel)
 
   def embed(self, input_ids, positions):
     return self.model.embed(input_ids, positions)

@@ -54,18 +54,20 @@ def _normal(std=0.02):
 
 
 class Linear(nn.Module):
-  """``y = x @ W^T + b`` with ``W [out, in]`` dense or quantized."""
+  """``y = x @ W^T + b`` with ``W [out, in]`` dense or quantized, through :func:`qjax.kernels.qmatmul.qmatmul` with
+  ``implementation`` (``"auto"``: the platform's kernels, falling back to the XLA reference)."""
   in_features: int
   out_features: int
   use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   input_hook: Hook = None
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     w = self.variable("params", "weight",
                       lambda: _normal()(self.make_rng("params"), (self.out_features, self.in_features), self.dtype))
-    y = qmatmul(x, w.value, self.input_hook)
+    y = qmatmul(x, w.value, self.input_hook, implementation=self.implementation)
     if self.use_bias:
       b = self.variable("params", "bias", lambda: jnp.zeros((self.out_features,), self.dtype))
       y = y + b.value.astype(y.dtype)
@@ -73,9 +75,12 @@ class Linear(nn.Module):
 
 
 class Embed(nn.Module):
+  """Token (or position) embedding ``[num_embeddings, features]``; :meth:`attend` is the tied output projection
+  (a ``qmatmul`` with ``implementation``)."""
   num_embeddings: int
   features: int
   dtype: jnp.dtype = jnp.float32
+  implementation: str = "auto"
 
   def setup(self):
     self.weight = self.variable(
@@ -88,7 +93,7 @@ class Embed(nn.Module):
 
   def attend(self, x):
     """Tied output projection ``x @ E^T``."""
-    return qmatmul(x, self.weight.value)
+    return qmatmul(x, self.weight.value, implementation=self.implementation)
 
 
 class RMSNorm(nn.Module):

@@ -16,11 +16,12 @@ class LlamaMLP(nn.Module):
   config: ModelConfig
   hooks: layers.ActivationHooks
   dtype: jnp.dtype = jnp.float32
+  kernel: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    lin = lambda n, i, o: layers.Linear(i, o, c.mlp_bias, self.dtype, self.hooks.linear_input, name=n)
+    lin = lambda n, i, o: layers.Linear(i, o, c.mlp_bias, self.dtype, self.hooks.linear_input, self.kernel, name=n)
     g = lin("gate_proj", c.hidden_size, c.intermediate_size)(x)
     u = lin("up_proj", c.hidden_size, c.intermediate_size)(x)
     return lin("down_proj", c.intermediate_size, c.hidden_size)(jax.nn.silu(g) * u)
@@ -34,21 +35,22 @@ class LlamaDecoderLayer(DecoderLayerModule):
     c = self.config
     h = layers.RMSNorm(c.hidden_size, c.norm_eps, self.dtype, name="input_layernorm")(x)
     a, layer_cache = SelfAttention(c, "o_proj", c.attention_bias, True, self.hooks, self.dtype, self.index,
-                                   name="self_attn")(h, positions, mask, layer_cache, cache_index)
+                                   self.kernel, name="self_attn")(h, positions, mask, layer_cache, cache_index)
     x = x + a
     h = layers.RMSNorm(c.hidden_size, c.norm_eps, self.dtype, name="post_attention_layernorm")(x)
-    return x + LlamaMLP(c, self.hooks, self.dtype, name="mlp")(h), layer_cache
+    return x + LlamaMLP(c, self.hooks, self.dtype, self.kernel, name="mlp")(h), layer_cache
 
 
 class LlamaModel(nn.Module):
   config: ModelConfig
   hooks: layers.ActivationHooks
   dtype: jnp.dtype = jnp.float32
+  kernel: str = "auto"
 
   def setup(self):
     c = self.config
-    self.embed_tokens = layers.Embed(c.vocab_size, c.hidden_size, self.dtype)
-    self.layers = [LlamaDecoderLayer(c, self.hooks, self.dtype, i) for i in range(c.num_layers)]
+    self.embed_tokens = layers.Embed(c.vocab_size, c.hidden_size, self.dtype, self.kernel)
+    self.layers = [LlamaDecoderLayer(c, self.hooks, self.dtype, i, self.kernel) for i in range(c.num_layers)]
     self.norm = layers.RMSNorm(c.hidden_size, c.norm_eps, self.dtype)
 
   def embed(self, input_ids, positions):

@@ -27,13 +27,13 @@ class OPTDecoderLayer(DecoderLayerModule):
     ln = lambda n: layers.LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, self.dtype, name=n)
     attn_ln, ffn_ln = ln("self_attn_layer_norm"), ln("final_layer_norm")
     a, layer_cache = SelfAttention(c, "out_proj", c.enable_bias, False, self.hooks, self.dtype, self.index,
-                                   name="self_attn")(attn_ln(x) if pre else x, positions, mask, layer_cache,
+                                   self.kernel, name="self_attn")(attn_ln(x) if pre else x, positions, mask, layer_cache,
                                                      cache_index)
     x = x + a
     if not pre:
       x = attn_ln(x)
     h = ffn_ln(x) if pre else x
-    lin = lambda n, i, o: layers.Linear(i, o, c.enable_bias, self.dtype, self.hooks.linear_input, name=n)
+    lin = lambda n, i, o: layers.Linear(i, o, c.enable_bias, self.dtype, self.hooks.linear_input, self.kernel, name=n)
     h = lin("fc2", c.intermediate_size, c.hidden_size)(_ACTS[c.hidden_act](lin("fc1", c.hidden_size,
                                                                              c.intermediate_size)(h)))
     x = x + h
@@ -44,16 +44,19 @@ class OPTDecoder(nn.Module):
   config: ModelConfig
   hooks: layers.ActivationHooks
   dtype: jnp.dtype = jnp.float32
+  kernel: str = "auto"
 
   def setup(self):
     c = self.config
-    self.embed_tokens = layers.Embed(c.vocab_size, c.word_embed_proj_dim, self.dtype)
+    self.embed_tokens = layers.Embed(c.vocab_size, c.word_embed_proj_dim, self.dtype, self.kernel)
     self.embed_positions = layers.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, self.dtype)
     self.projected = c.word_embed_proj_dim != c.hidden_size
     if self.projected:
-      self.project_in = layers.Linear(c.word_embed_proj_dim, c.hidden_size, False, self.dtype)
-      self.project_out = layers.Linear(c.hidden_size, c.word_embed_proj_dim, False, self.dtype)
-    self.layers = [OPTDecoderLayer(c, self.hooks, self.dtype, i) for i in range(c.num_layers)]
+      self.project_in = layers.Linear(c.word_embed_proj_dim, c.hidden_size, False, self.dtype,
+                                      implementation=self.kernel)
+      self.project_out = layers.Linear(c.hidden_size, c.word_embed_proj_dim, False, self.dtype,
+                                       implementation=self.kernel)
+    self.layers = [OPTDecoderLayer(c, self.hooks, self.dtype, i, self.kernel) for i in range(c.num_layers)]
     if c.final_layer_norm:
       self.final_layer_norm = layers.LayerNorm(c.hidden_size, c.norm_eps, c.layer_norm_affine, self.dtype)
 
@@ -80,9 +83,10 @@ class OPTModel(nn.Module):
   config: ModelConfig
   hooks: layers.ActivationHooks
   dtype: jnp.dtype = jnp.float32
+  kernel: str = "auto"
 
   def setup(self):
-    self.decoder = OPTDecoder(self.config, self.hooks, self.dtype)
+    self.decoder = OPTDecoder(self.config, self.hooks, self.dtype, self.kernel)
 
   def embed(self, input_ids, positions):
     return self.decoder.embed(input_ids, positions)

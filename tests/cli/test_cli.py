@@ -310,7 +310,7 @@ def runs(request, tmp_path_factory):
     ctx["opt_out"] = odir
     # OPT: progress bars on (stderr is a pipe: one final line per bar), --json into folders that do not exist yet.
     submit("opt", _cli, env, "--model", ctx["opt"], "--method", "rtn", "--wbits", "3", "--groupsize", "-1", "--sym",
-           "--baseline", "--ppl-text", ctx["text"], *[a for a in FAST if a != "--no-progress"],
+           "--kernel", "xla", "--baseline", "--ppl-text", ctx["text"], *[a for a in FAST if a != "--no-progress"],
            "--json", odir / "new" / "dir" / "rtn.json")
 
   yield futures, ctx
@@ -452,4 +452,5 @@ def test_random_opt_end_to_end(runs):
   assert out["config"]["method"]["config"] == {**out["config"]["method"]["config"],
                                                "bits": 3, "group_size": -1, "sym": True}
   assert "story.txt" in proc.stdout and "rtn W3 ppl" in proc.stdout
+  assert out["config"]["matmul_path"] == "emulated (dequantize + matmul)"          # --kernel xla
   assert _hashes(ctx["opt"]) == ctx["opt_hashes_before"]
