@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from qjax.core.formats.base import is_quantized
 from qjax.kernels import kv_attention
-from qjax.kernels.kv_attention import xla
 from qjax.kernels.qmatmul import qmatmul
 
 Hook = Callable[[jax.Array], jax.Array] | None
@@ -170,22 +169,16 @@ def attention(q, k, v, mask, scale: float, hooks: ActivationHooks, *, causal: bo
 def mixed_attention(q, k, v, k_hat, v_hat, exact, mask, scale: float):
   """Attention where query ``t`` sees key/value ``s`` exactly where ``exact [b | 1, t, s]`` is True and as the
   quantized ``k_hat, v_hat`` elsewhere (``q [b, t, h, d]``; ``k, v, k_hat, v_hat [b, s, kvh, d]``; causal self-
-  attention ``mask [b, t, s]``, computed in query blocks: :func:`qjax.kernels.kv_attention.xla.causal_blocks`).
+  attention ``mask [b, t, s]``, computed in query blocks: :func:`qjax.kernels.kv_attention.causal_blocks`).
   Scores and softmax in float32; returns ``[b, t, h, d]`` in ``q.dtype``."""
   def attend(q, exact, mask, k, v, k_hat, v_hat):
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, d)
     e = exact[:, None, None]
-    s = jnp.where(e, jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32),
-                  jnp.einsum("btgrd,bsgd->bgrts", q, k_hat, preferred_element_type=jnp.float32)) * scale
-    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = (jnp.einsum("bgrts,bsgd->btgrd", jnp.where(e, p, 0), v)
-         + jnp.einsum("bgrts,bsgd->btgrd", jnp.where(e, 0, p), v_hat.astype(v.dtype)))
-    return o.reshape(b, t, h, d)
+    s = jnp.where(e, kv_attention.gqa_scores(q, k, scale), kv_attention.gqa_scores(q, k_hat, scale))
+    p = kv_attention.masked_softmax(s, mask, v.dtype)
+    return (kv_attention.gqa_output(jnp.where(e, p, 0), v)
+            + kv_attention.gqa_output(jnp.where(e, 0, p), v_hat.astype(v.dtype)))
 
-  return xla.causal_blocks(attend, q, (exact, mask), (k, v, k_hat, v_hat))
+  return kv_attention.causal_blocks(attend, q, (exact, mask), (k, v, k_hat, v_hat))
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:

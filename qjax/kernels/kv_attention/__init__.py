@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from qjax.kernels.dispatch import Op
 from qjax.kernels.kv_attention import xla
-from qjax.kernels.kv_attention.xla import attention
+from qjax.kernels.kv_attention.xla import attention, causal_blocks, gqa_output, gqa_scores, masked_softmax
 
-__all__ = ["OP", "attention", "kv_attention"]
+__all__ = ["OP", "attention", "causal_blocks", "gqa_output", "gqa_scores", "kv_attention", "masked_softmax"]
 
 OP = Op("kv_attention", dispatch_arg=0)
 OP.reference(object)(xla.update_then_attend)

@@ -10,7 +10,7 @@ def _apply(hook, x):
   return x if hook is None else hook(x)
 
 
-CAUSAL_BLOCK = 128   # query rows per block of :func:`causal_blocks` (measured best for T = 2048 on CPU)
+CAUSAL_BLOCK = 128   # query rows per block of :func:`causal_blocks`
 
 
 def attention(q, k, v, mask, scale: float, hooks=None, *, causal: bool = False):
@@ -27,14 +27,29 @@ def attention(q, k, v, mask, scale: float, hooks=None, *, causal: bool = False):
 
 
 def _attend(q, k, v, mask, scale, probs_hook):
+  p = _apply(probs_hook, masked_softmax(gqa_scores(q, k, scale), mask, v.dtype))
+  return gqa_output(p, v)
+
+
+def gqa_scores(q, k, scale: float):
+  """float32 scores ``[b, kvh, h / kvh, t, s]`` of ``q [b, t, h, d]`` against ``k [b, s, kvh, d]``, times
+  ``scale`` (query head ``g * h / kvh + r`` reads KV head ``g``)."""
   b, t, h, d = q.shape
   kvh = k.shape[2]
   q = q.reshape(b, t, kvh, h // kvh, d)
-  s = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * scale
+  return jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def masked_softmax(s, mask, dtype):
+  """Softmax over keys of scores ``s [b, kvh, r, t, s]`` where ``mask [b, t, s]`` is True, in ``dtype``."""
   s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-  p = _apply(probs_hook, jax.nn.softmax(s, axis=-1).astype(v.dtype))
-  o = jnp.einsum("bgrts,bsgd->btgrd", p, v)
-  return o.reshape(b, t, h, d)
+  return jax.nn.softmax(s, axis=-1).astype(dtype)
+
+
+def gqa_output(p, v):
+  """``p [b, kvh, r, t, s] @ v [b, s, kvh, d] -> [b, t, kvh * r, d]``."""
+  b, g, r, t, _ = p.shape
+  return jnp.einsum("bgrts,bsgd->btgrd", p, v).reshape(b, t, g * r, v.shape[-1])
 
 
 def causal_blocks(attend, q, masks: tuple, keys: tuple, block: int | None = None):
@@ -44,12 +59,14 @@ def causal_blocks(attend, q, masks: tuple, keys: tuple, block: int | None = None
 
   Equal to one call on everything (up to float summation order; for every query that sees at least one key: a
   left-padding query, whose output nothing reads, averages a different number of hidden keys) when every mask
-  hides key ``s > t`` from query ``t`` and ``attend`` treats each query row on its own: the keys skipped are masked, so their probabilities are
-  exactly 0. A per-row quantizer of the probabilities (``attn_probs``) sees the same row minus trailing zeros,
-  which leaves a range that contains 0 (all of qjax's) unchanged. Halves the score work at long ``t`` and keeps
-  each block's ``[block, s]`` scores in cache: at ``t = 2048`` one SmolLM2 attention (9 heads, 3 KV heads) takes
-  132 ms instead of 509 ms on this CPU, a whole 2048-token window 6.7 s instead of 10.7 s (compilation 9 s
-  instead of 1.4 s: blocks of 64 gain 3% more for twice the compile time)."""
+  hides key ``s > t`` from query ``t`` and ``attend`` treats each query row on its own: the keys skipped are
+  masked, so their probabilities are exactly 0. A per-row quantizer of the probabilities (``attn_probs``) sees
+  the same row minus trailing zeros, which leaves a range that contains 0 (all of qjax's) unchanged.
+
+  Halves the score work at long ``t`` and keeps each block's ``[block, s]`` scores in cache
+  (``eval/bench_kernels.py``: 3.8x at ``t = 2048`` for SmolLM2's heads), at the price of one traced block per
+  ``block`` rows (longer compilation). The blocks are a Python loop, not a scan, because each reads a key prefix
+  of a different static length (a scan over fixed-length blocks would read and score every key)."""
   block = block or CAUSAL_BLOCK
   t = q.shape[1]
   if t <= block:
