@@ -68,8 +68,8 @@ def test_qmatmul_paths_are_named():
 @pytest.mark.parametrize("probs_bits", [None, 4])
 def test_causal_blocks_equal_one_call(probs_bits):
   """Query blocks reading only their keys' prefix give the one-call result (for every query that sees a key; left
-  padding included), also with a
-  per-token quantizer of the probabilities, whose range contains 0 whatever trailing zeros are cut."""
+  padding included), also with a per-token quantizer of the probabilities, whose range contains 0 whatever
+  trailing zeros are cut."""
   from qjax.kernels.kv_attention import xla
   from qjax.methods.activations.quantizers import TokenQuantizer
   from qjax.models.layers import ActivationHooks, causal_mask

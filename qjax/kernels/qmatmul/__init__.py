@@ -22,6 +22,7 @@ OP.reference(object)(xla.dense)
 OP.reference(QuantizedTensor)(xla.emulated)
 OP.reference(Int8Array)(xla.int8)
 OP.reference(LLMInt8Array)(xla.llm_int8)
+# the implementations register with OP, so they are imported after it exists
 from qjax.kernels.qmatmul import cpu  # noqa: F401  (registers the implementation)
 from qjax.kernels.qmatmul import pallas_tpu  # noqa: F401  (registers the implementation)
 from qjax.kernels.qmatmul import pallas_triton  # noqa: F401  (registers the implementation)
