@@ -1,8 +1,8 @@
-"""The optional native CPU kernel ``qjax.kernels.qmatmul._cpu_kernel`` (an XLA FFI handler, see
-``qjax/kernels/qmatmul/cpu.py``); all other package metadata lives in ``pyproject.toml``.
+"""The optional native CPU kernels ``qjax.kernels.<op>._cpu_kernel`` (XLA FFI handlers, see ``qjax/kernels/qmatmul/cpu.py``
+and ``qjax/kernels/kivi_attention/cpu.py``); all other package metadata lives in ``pyproject.toml``.
 
 The extension is ``optional``: without a C++17 compiler (or without jaxlib's FFI headers) installation still
-succeeds and ``qmatmul`` runs the XLA reference. No ``-march`` flag: the AVX2 code is chosen per function at run
+succeeds and the ops run their XLA references. No ``-march`` flag: the AVX2 code is chosen per function at run
 time.
 """
 import importlib.util
@@ -25,8 +25,10 @@ def _extensions():
   inc = _jaxlib_include()
   if inc is None or sys.platform == "win32":
     return []
-  return [Extension("qjax.kernels.qmatmul._cpu_kernel", sources=["qjax/kernels/qmatmul/cpu_kernel.cc"],
-                    include_dirs=[inc], language="c++", extra_compile_args=["-O3", "-std=c++17", "-g0"], optional=True)]
+  return [Extension(f"qjax.kernels.{op}._cpu_kernel", sources=[f"qjax/kernels/{op}/cpu_kernel.cc"],
+                    depends=["qjax/kernels/native.h"], include_dirs=[inc], language="c++",
+                    extra_compile_args=["-O3", "-std=c++17", "-g0"], optional=True)
+          for op in ("qmatmul", "kivi_attention")]
 
 
 setup(ext_modules=_extensions())

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import jax
 
+IMPLEMENTATIONS = ("cpu", "pallas_triton", "pallas_tpu")   # the names an implementation may register under
+
 
 class Op:
   """One kernel op: ``Op(name, dispatch_arg)``; ``dispatch_arg`` is the index of the argument whose type selects
@@ -35,6 +37,9 @@ class Op:
   def implementation(self, name: str, *types: type, platforms: tuple[str, ...]):
     """Decorator: implementation ``name`` for arguments of ``types``, on ``platforms`` (``cpu``, ``gpu``,
     ``tpu``)."""
+    if name not in IMPLEMENTATIONS:
+      raise ValueError(f"{self.name}: implementation names are {IMPLEMENTATIONS}, got {name!r}")
+
     def deco(fn):
       plats, table = self._impls.setdefault(name, (tuple(platforms), {}))
       for t in types:
@@ -50,17 +55,20 @@ class Op:
     return None
 
   def implementations(self) -> tuple[str, ...]:
+    """``"xla"`` and the names registered with this op."""
     return ("xla", *self._impls)
 
   def select(self, *args, implementation: str = "auto") -> list[tuple[str, Callable]]:
-    """The ``(name, function)`` candidates for ``args``, in the order they are tried, the reference last."""
-    if implementation not in ("auto", *self.implementations()):
+    """The ``(name, function)`` candidates for ``args``, in the order they are tried, the reference last. Any name
+    of :data:`IMPLEMENTATIONS` is accepted: an op without that implementation runs its reference (a model asks for
+    one implementation for all its ops)."""
+    if implementation not in ("auto", "xla", *IMPLEMENTATIONS):
       raise ValueError(f"{self.name}: unknown implementation {implementation!r} "
-                       f"(known: auto, {', '.join(self.implementations())})")
+                       f"(known: auto, xla, {', '.join(IMPLEMENTATIONS)})")
     arg = args[self.dispatch_arg]
     names = [] if implementation == "xla" else [implementation] if implementation != "auto" else [
         n for n, (plats, _) in self._impls.items() if jax.default_backend() in plats]
-    out = [(n, fn) for n in names if (fn := self._lookup(self._impls[n][1], arg)) is not None]
+    out = [(n, fn) for n in names if n in self._impls and (fn := self._lookup(self._impls[n][1], arg)) is not None]
     ref = self._lookup(self._reference, arg)
     if ref is None:
       raise TypeError(f"{self.name}: no reference for {type(arg).__name__}")
@@ -68,8 +76,13 @@ class Op:
 
   def __call__(self, *args, implementation: str = "auto", fallback: bool = True, **kwargs):
     """Runs the first applicable implementation; ``fallback=False`` (tests of a named implementation) raises its
-    ``NotImplementedError`` instead of running the reference."""
-    for name, fn in self.select(*args, implementation=implementation):
+    ``NotImplementedError`` instead of running the reference, also when the named one is not registered for the
+    dispatch argument's type."""
+    candidates = self.select(*args, implementation=implementation)
+    if not fallback and implementation not in ("auto", "xla") and candidates[0][0] != implementation:
+      raise NotImplementedError(f"{self.name}: no {implementation} implementation for "
+                                f"{type(args[self.dispatch_arg]).__name__}")
+    for name, fn in candidates:
       try:
         return fn(*args, **kwargs)
       except NotImplementedError:

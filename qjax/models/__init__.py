@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from qjax.core import tree
-from qjax.kernels import qmatmul
+from qjax.kernels import dispatch
 from qjax.models.config import DTYPES, SUPPORTED_MODEL_TYPES, ModelConfig
 from qjax.models.families import FAMILIES, Family
 from qjax.models.layers import ActivationHooks
 from qjax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from qjax.models.opt import OPTDecoderLayer, OPTForCausalLM
 
-KERNELS = ("auto", *qmatmul.OP.implementations())   # what ``CausalLM.kernel`` accepts
+KERNELS = ("auto", "xla", *dispatch.IMPLEMENTATIONS)   # what ``CausalLM.kernel`` accepts
 _CLASSES = {"llama": (LlamaForCausalLM, LlamaDecoderLayer), "opt": (OPTForCausalLM, OPTDecoderLayer)}
 
 __all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "DTYPES", "SUPPORTED_MODEL_TYPES"]
@@ -27,9 +27,9 @@ __all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "DTYPES", "SUPPORTED_MO
 
 @dataclasses.dataclass(frozen=True)
 class CausalLM:
-  """A model architecture: config, compute dtype, activation hooks, the ``qmatmul`` implementation its linears
-  ask for (``kernel``: ``"auto"``, ``"xla"`` or a registered name, see :mod:`qjax.kernels.qmatmul`) and the
-  family's declarative map."""
+  """A model architecture: config, compute dtype, activation hooks, the kernel implementation its ops ask for
+  (``kernel``: ``"auto"``, ``"xla"`` or a name of :data:`qjax.kernels.dispatch.IMPLEMENTATIONS`, for the linears'
+  ``qmatmul`` and the cache's attention) and the family's declarative map."""
   config: ModelConfig
   dtype: str = "float32"
   hooks: ActivationHooks = ActivationHooks()

@@ -25,7 +25,7 @@ class SelfAttention(nn.Module):
   hooks: layers.ActivationHooks
   dtype: jnp.dtype = jnp.float32
   layer: int = 0          # decoder layer index (per-layer KV quantizers of the ``kv_past`` hook)
-  kernel: str = "auto"    # the linears' qmatmul implementation
+  kernel: str = "auto"    # the kernel implementation of the linears (qmatmul) and of the cache's attention
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
@@ -44,7 +44,8 @@ class SelfAttention(nn.Module):
       q = rope(q, positions)
     if layer_cache is not None:
       o, layer_cache = layer_cache.attend(q, k, v, index=cache_index, positions=positions, rope=rope, mask=mask,
-                                          scale=d**-0.5, hooks=self.hooks)
+                                          scale=d**-0.5, hooks=self.hooks,
+                                          implementation=self.kernel)
       return lin(self.out_name, h * d, c.hidden_size)(o.reshape(b, t, h * d)), layer_cache
     if self.hooks.kv_past is not None:
       o = self.hooks.kv_past(q, k, v, positions, mask, d**-0.5, rope, self.layer).reshape(b, t, h * d)

@@ -1,14 +1,16 @@
 """KV caches: pytrees passed to the model's forward and returned updated.
 
 A cache holds, for every decoder layer, a *layer cache* (a :class:`LayerCache`) with the cache-attend protocol,
-``attend(q, k, v, *, index, positions, rope, mask, scale, hooks) -> (out, new_layer_cache)``, whose default is
-:func:`qjax.kernels.kv_attention.kv_attention` (a fused kernel for a cache type plugs in there), built on
+``attend(q, k, v, *, index, positions, rope, mask, scale, hooks, implementation) -> (out, new_layer_cache)``, whose
+default is :func:`qjax.kernels.kv_attention.kv_attention` (a cache with a fused kernel overrides it: KIVI's reads
+its packed codes through :mod:`qjax.kernels.kivi_attention`), built on
 ``update(k, v, index, positions, rope) -> (k_all, v_all, new_layer_cache)``: ``k, v [batch, t, kv_heads,
 head_dim]`` are the new tokens' keys BEFORE RoPE and values, written at slots ``index .. index + t - 1``;
 ``positions [batch, t]`` are their positions and ``rope(x, positions)`` the rotation (None for models without
 RoPE), so a cache may store keys after RoPE (dense, KIVI) or before (KVQuant quantizes pre-RoPE keys);
 ``k_all, v_all [batch, max_len, kv_heads, head_dim]`` (keys after RoPE) are what attention reads. Quantized
-caches (:mod:`qjax.methods.kv.kivi`, :mod:`qjax.methods.kv.kvquant`) implement the same method. The cache itself tracks ``length`` (slots filled, shared by the batch) and ``valid [batch, max_len]``
+caches (:mod:`qjax.methods.kv.kivi`, :mod:`qjax.methods.kv.kvquant`) implement the same method. The cache itself
+tracks ``length`` (slots filled, shared by the batch) and ``valid [batch, max_len]``
 (False for padding slots), from which the model builds the attention mask.
 """
 from __future__ import annotations
@@ -25,11 +27,11 @@ class LayerCache:
   """Base of the layer caches: :meth:`attend` through the ``kv_attention`` kernel op; subclasses implement
   ``update``."""
 
-  def attend(self, q, k, v, *, index, positions, rope, mask, scale, hooks=None):
+  def attend(self, q, k, v, *, index, positions, rope, mask, scale, hooks=None, implementation: str = "auto"):
     """``(out [b, t, h, d], new layer cache)`` for queries ``q`` (after RoPE) and the new tokens' keys (before
-    RoPE) and values written at slot ``index``."""
+    RoPE) and values written at slot ``index``; ``implementation`` names the kernel (the model's ``kernel``)."""
     return kv_attention(self, q, k, v, index=index, positions=positions, rope=rope, mask=mask, scale=scale,
-                        hooks=hooks)
+                        hooks=hooks, implementation=implementation)
 
 
 @jax.tree_util.register_dataclass

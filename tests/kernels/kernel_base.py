@@ -123,3 +123,101 @@ class KVAttentionBase:
                           index=jnp.int32(t), positions=None, rope=None, mask=step_mask, scale=d**-0.5,
                           implementation=self.implementation)
     np.testing.assert_allclose(np.asarray(out), want[:, t:], rtol=1e-5, atol=1e-5)
+
+
+# (h, kvh, d, store L, pending P, b, t): GQA 9/3 (SmolLM2), MHA, 4:1 groups, a small head; stores of one group up to
+# 2048 tokens; pending windows of one token to KIVI's R + G - 1 = 159
+_KIVI_SHAPES = [(9, 3, 64, 320, 159, 1, 1), (4, 4, 128, 128, 40, 2, 3), (8, 2, 64, 2048, 1, 1, 1),
+                (4, 2, 64, 64, 37, 2, 2)]
+KIVI_GRID = [dict(h=h, kvh=kvh, d=d, L=L, P=P, b=b, t=t, bits=bits, G=g,
+                  dtype="bfloat16" if i % 4 == 3 else "float32",
+                  scale_dtype=("float16", "float16", "bfloat16", "float32")[i // 2 % 4])
+             for i, (bits, g) in enumerate(itertools.product([2, 3, 4, 8], [32, 64]))
+             for h, kvh, d, L, P, b, t in [_KIVI_SHAPES[(i + i // 4) % 4]]]
+
+
+def kivi_operands(case: dict, rng: np.random.Generator):
+  """The case's random ``kivi_attention`` operands ``(q, keys, values, k_pend, v_pend, mask_store, mask_pend,
+  length)``: KIVI codes of normal keys (with a few large channels, as real keys have) and values; per row a store
+  length that is a multiple of G (0 for one row when ``b > 1``); ``mask_store`` random beyond ``length`` (the
+  kernel must ignore it there) and with a few holes below it; ``mask_pend`` causal over the last ``t`` pending
+  tokens of a random count."""
+  from qjax.methods.kv import kivi
+  b, t, h, kvh, d, L, P, g = (case[k] for k in ("b", "t", "h", "kvh", "d", "L", "P", "G"))
+  dt = case["dtype"]
+  k = rng.normal(size=(b, kvh, L, d)) * np.where(rng.random(d) < 0.1, 8.0, 1.0)
+  v = rng.normal(size=(b, kvh, L, d))
+  keys = kivi.quantize_keys(jnp.asarray(k, jnp.float32), bits=case["bits"], group_size=g,
+                            scale_dtype=case["scale_dtype"])
+  values = kivi.quantize_values(jnp.asarray(v, jnp.float32), bits=case["bits"], group_size=g,
+                                scale_dtype=case["scale_dtype"])
+  length = rng.integers(1, L // g + 1, size=b) * g
+  if b > 1:
+    length[0] = 0
+  mask_store = (np.arange(L)[None, None] < length[:, None, None]) & (rng.random((b, t, L)) < 0.9)
+  mask_store |= (np.arange(L)[None, None] >= length[:, None, None]) & (rng.random((b, t, L)) < 0.5)
+  n_pend = rng.integers(t, P + 1, size=b)
+  mask_pend = np.arange(P)[None, None] <= (n_pend[:, None, None] - t + np.arange(t)[None, :, None])
+  arr = lambda *s: jnp.asarray(rng.normal(size=s), dt)
+  return (arr(b, t, h, d), keys, values, arr(b, P, kvh, d), arr(b, P, kvh, d), jnp.asarray(mask_store),
+          jnp.asarray(mask_pend), jnp.asarray(length, jnp.int32))
+
+
+def numpy_kivi_dequantize(x) -> np.ndarray:
+  """A KIVITensor rebuilt in NumPy float64 from its fields (little-endian bit stream along ``head_dim``):
+  ``[b, kvh, L, d]``."""
+  bits, d, g = x.bits, x.head_dim, x.group_size
+  stream = np.unpackbits(np.asarray(x.codes), axis=-1, bitorder="little")
+  codes = (stream[..., :d * bits].reshape(*stream.shape[:-1], d, bits) * (1 << np.arange(bits))).sum(-1)
+  scale, mn = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x.scale, x.mn))
+  rep = (lambda a: np.repeat(a, g, axis=-2)) if x.per_channel else (lambda a: np.repeat(a, g, axis=-1))
+  return codes * rep(scale) + rep(mn)
+
+
+def numpy_kivi_attention(q, keys, values, k_pend, v_pend, mask_store, mask_pend, length, scale):
+  """The spec in NumPy float64: ``[b, t, h, d]``."""
+  f = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+  k = np.concatenate([np.swapaxes(numpy_kivi_dequantize(keys), 1, 2), f(k_pend)], 1)
+  v = np.concatenate([np.swapaxes(numpy_kivi_dequantize(values), 1, 2), f(v_pend)], 1)
+  L = mask_store.shape[-1]
+  visible = np.concatenate([np.asarray(mask_store) & (np.arange(L)[None, None] < np.asarray(length)[:, None, None]),
+                            np.asarray(mask_pend)], -1)
+  b, t, h, d = q.shape
+  rep = h // k.shape[2]
+  s = np.einsum("bthd,bshd->bhts", f(q), np.repeat(k, rep, 2)) * scale
+  s = np.where(visible[:, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshd->bthd", p, np.repeat(v, rep, 2))
+
+
+class KIVIAttentionBase:
+  """``kivi_attention`` (:data:`KIVI_GRID`): the implementation named ``implementation`` (no fallback; a case it
+  does not support must be listed by :meth:`unsupported`) against a NumPy float64 spec, fresh random operands per
+  case."""
+  implementation = "xla"
+
+  def unsupported(self, case: dict) -> str | None:
+    """Why the implementation refuses ``case`` (the test then checks that it raises NotImplementedError), or None."""
+    return None
+
+  def call(self, *operands, scale):
+    from qjax.kernels.kivi_attention import kivi_attention
+    return jax.jit(lambda *a: kivi_attention(*a, scale, implementation=self.implementation, fallback=False))(
+        *operands)
+
+  @pytest.mark.parametrize("case", KIVI_GRID, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+  def test_equals_numpy_spec(self, case):
+    rng = np.random.default_rng(zlib.crc32(repr(sorted(case.items())).encode()))
+    ops = kivi_operands(case, rng)
+    scale = case["d"] ** -0.5
+    if (reason := self.unsupported(case)) is not None:
+      with pytest.raises(NotImplementedError):
+        self.call(*ops, scale=scale)
+      pytest.skip(reason)
+    got = self.call(*ops, scale=scale)
+    q = ops[0]
+    assert got.dtype == q.dtype and got.shape == q.shape
+    want = numpy_kivi_attention(*ops, scale)
+    tol = 2e-2 if case["dtype"] == "bfloat16" else 2e-5
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=tol, atol=tol * np.abs(want).max())

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from kernel_base import QMATMUL_GRID, QMatmulBase, grid_qarray, numpy_qmatmul
+
 from qjax.kernels.qmatmul import cpu, path_name, qmatmul
 from qjax.methods.weights import rtn
 

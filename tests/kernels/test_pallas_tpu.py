@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
 from kernel_base import QMatmulBase, grid_qarray, numpy_qmatmul
+
 from qjax.kernels.qmatmul import pallas_tpu
 from qjax.methods.weights import rtn
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from kernel_base import QMatmulBase, grid_qarray, numpy_qmatmul
+
 from qjax.core.formats.qarray import QArray
 from qjax.kernels.qmatmul import qmatmul
 from qjax.kernels.qmatmul.pallas_triton import Tiling, choose_tiling, qmatmul_pallas

@@ -6,13 +6,13 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from kernel_base import KVAttentionBase, QMatmulBase
+
+from qjax.core.formats.base import QuantizedTensor
+from qjax.core.formats.qarray import QArray
 from qjax.kernels.dispatch import Op
 from qjax.kernels.qmatmul import OP, path_name
 from qjax.methods.weights import rtn
-from qjax.core.formats.base import QuantizedTensor
-from qjax.core.formats.qarray import QArray
 
 
 class TestQMatmulXLA(QMatmulBase):
@@ -28,7 +28,7 @@ def test_dispatch_falls_back_to_the_reference_and_keys_on_the_type_hierarchy():
   op.reference(object)(lambda a: "ref")
   calls = []
 
-  @op.implementation("fast", QuantizedTensor, platforms=("cpu",))
+  @op.implementation("cpu", QuantizedTensor, platforms=("cpu",))
   def fast(a):
     calls.append(a)
     if a.bits == 3:
@@ -41,9 +41,16 @@ def test_dispatch_falls_back_to_the_reference_and_keys_on_the_type_hierarchy():
   assert op(q3) == "ref"               # NotImplementedError -> the reference
   assert op(jnp.ones(3)) == "ref"      # no implementation for dense arrays
   assert op(q4, implementation="xla") == "ref"
-  assert [n for n, _ in op.select(q4)] == ["fast", "xla"]
+  assert [n for n, _ in op.select(q4)] == ["cpu", "xla"]
+  assert op(q4, implementation="pallas_tpu") == "ref"          # a known name this op lacks: the reference
+  with pytest.raises(NotImplementedError, match="no pallas_tpu implementation"):
+    op(q4, implementation="pallas_tpu", fallback=False)        # ... unless a test asked for that one
+  with pytest.raises(NotImplementedError, match="3-bit"):
+    op(q3, implementation="cpu", fallback=False)
   with pytest.raises(ValueError, match="unknown implementation"):
     op(q4, implementation="pallas")
+  with pytest.raises(ValueError, match="implementation names"):
+    op.implementation("fast", QuantizedTensor, platforms=("cpu",))
 
 
 def test_native_cpu_kernel_is_built_where_a_compiler_is():

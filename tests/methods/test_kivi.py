@@ -234,3 +234,27 @@ def test_generation_on_stories260k(stories_dir):
   assert len(r.tokens[0]) == 24 and len(gen.encode("Once upon a time")) + 24 > 2 * 8  # groups were flushed
   assert r.texts[0].startswith(", there was a little girl named Lily. She loved to play outside in the")
   assert r.cache_bytes_per_token == kivi.bytes_per_token(cfg, model.config, 40) < 5 * 2 * 4 * 8 * 4  # < fp32
+
+
+def test_cached_decoding_through_the_native_kernel_equals_the_xla_path(llama, monkeypatch):
+  """The decode steps through ``kivi_attention``'s native CPU kernel (packed codes; the test checks it was
+  traced) and through the XLA spec (the store dequantized whole) give the same logits (a left-padded batch;
+  prompt call, then token by token)."""
+  from qjax.kernels.kivi_attention import cpu
+  if not cpu.available():
+    pytest.skip("native CPU kernel not built")
+  traced = []
+  native = cpu.kivi_attention_cpu
+  monkeypatch.setattr(cpu, "kivi_attention_cpu", lambda *a, **k: (traced.append(a[0].shape), native(*a, **k))[1])
+  model, params = llama
+  cfg = kivi.KIVIConfig(k_bits=2, v_bits=4, group_size=4, residual=4)
+  ids = np.random.default_rng(1).integers(4, model.config.vocab_size, size=(2, 22)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[0, :3] = 0
+  got = _cached_logits(model.with_kernel("cpu"), params, cfg, ids, mask, 5)
+  assert {shape[1] for shape in traced} == {5, 1}                    # the prompt call (t <= 16) and the steps
+  n = len(traced)
+  want = _cached_logits(model.with_kernel("xla"), params, cfg, ids, mask, 5)
+  assert len(traced) == n
+  real = mask[:, 4:].astype(bool)
+  np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)

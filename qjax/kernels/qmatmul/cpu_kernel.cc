@@ -32,21 +32,22 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "../native.h"
 
 namespace ffi = xla::ffi;
 
 namespace qjax_cpu {
+
+using qjax_native::Bf16ToFloat;
+using qjax_native::HalfToFloat;
+using qjax_native::HasAvx2;
+using qjax_native::ScaleType;
 
 constexpr int kLanes = 8;
 constexpr int kMaxRows = 4;  // x rows processed per pass over a weight row
@@ -110,33 +111,6 @@ inline uint32_t Code(const uint32_t* row, int bits, int64_t k) {
   return v & ((1u << bits) - 1);
 }
 
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FFu, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal half: normalize
-    int e = -1;
-    do { ++e; man <<= 1; } while (!(man & 0x400u));
-    bits = sign | ((112 - e) << 23) | ((man & 0x3FFu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline float Bf16ToFloat(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-enum class ScaleType { kF16, kBF16, kF32 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Per-call problem description and the x-side precomputation (shared by all rows).
@@ -420,17 +394,9 @@ void RowsAvx2(const Problem& p, int64_t n0, int64_t n1) {
 #pragma GCC pop_options
 #endif
 
-bool HasAvx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-}
 #else  // not x86: the portable path only
 template <int B>
 void RowsAvx2(const Problem&, int64_t, int64_t) {}
-bool HasAvx2() { return false; }
 #endif  // QJAX_X86
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
@@ -457,48 +423,15 @@ RowsFn Prepare(Problem& p, bool force_scalar) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Threading: chunks of output rows claimed dynamically by the caller and pool tasks. A task that starts after every
-// chunk is claimed does nothing, so the caller never waits on a task that has not started (no deadlock when the
-// caller itself is a pool thread); the shared state is reference counted for such late tasks.
-
-struct Chunks {
-  int64_t count = 0;
-  std::function<void(int64_t)> work;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1)) < count;) {
-      work(c);
-      if (done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
+// Threading: chunks of output rows over the pool (qjax_native::ParallelFor).
 
 void ParallelRows(ffi::ThreadPool& pool, const Problem& p, RowsFn rows) {
   // Chunks of ~16K words x row-passes (a few microseconds): small enough that a helper preempted inside one delays
   // the caller little, large enough that claiming costs nothing.
   const int64_t row_work = p.kw * ((p.M + kMaxRows - 1) / kMaxRows);
   const int64_t per = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(row_work, 1));
-  const int64_t count = (p.N + per - 1) / per;
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 0);
-  if (threads == 0 || count <= 1) {
-    rows(p, 0, p.N);
-    return;
-  }
-  auto chunks = std::make_shared<Chunks>();
-  chunks->count = count;
-  chunks->work = [&p, rows, per](int64_t c) { rows(p, c * per, std::min(p.N, (c + 1) * per)); };
-  // The pool has about one thread per core and the caller is one more worker: threads - 1 helpers (at least one).
-  const int64_t helpers = std::min(std::max<int64_t>(threads - 1, 1), count - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([chunks] { chunks->Run(); });
-  chunks->Run();
-  std::unique_lock<std::mutex> lock(chunks->mu);
-  chunks->cv.wait(lock, [&] { return chunks->done.load() == chunks->count; });
+  qjax_native::ParallelFor(pool, (p.N + per - 1) / per,
+                           [&p, rows, per](int64_t c) { rows(p, c * per, std::min(p.N, (c + 1) * per)); });
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from qjax.core import packing, uniform
 from qjax.core.errors import InputError
 from qjax.core.formats.kv import KIVITensor, group_view
 from qjax.core.options import Flag, option
+from qjax.kernels.kivi_attention import kivi_attention
 from qjax.methods.kv.flags import KV_BITS
 from qjax.methods.registry import KVCacheSetup, register_kv_method
 from qjax.models import layers
@@ -194,15 +195,16 @@ class KIVILayerCache(LayerCache):
     res = lambda: jnp.zeros((batch, min(r + g - 1, max_len), kv_heads, head_dim), dtype)
     return cls(store(config.key_bits, True), store(config.value_bits, False), res(), res(), config, max_len)
 
-  def update(self, k, v, index, positions, rope=None):
-    """Appends ``k`` (before RoPE), ``v [b, t, kv_heads, head_dim]`` at slots ``index ..``; returns ``(k_all,
-    v_all [b, max_len, kv_heads, head_dim], new cache)``: slot ``s`` of row ``b`` holds its token ``i = s -
-    pad_b``, read quantized if ``i < quantized_length(n0)`` (``n0`` tokens before the call), exactly if ``i <
-    n1`` (tokens after), as zeros otherwise (padding, future slots). Then flushes to ``quantized_length(n1)``."""
+  def _advance(self, k, v, index, positions, rope):
+    """One call's bookkeeping: ``(pk, pv, q0, n1, pad, new cache)``. ``pk, pv [b, W + t, kv_heads, head_dim]``
+    hold each row's pending tokens ``q0 .. n1 - 1`` at ``0 ..`` (its residual, then the call's real tokens; keys
+    after RoPE; the rest is filler); ``q0 = quantized_length(n0)`` tokens are read quantized (``n0`` tokens before
+    the call), ``n1`` is the count after it, ``pad`` the row's left padding; the new cache is flushed to
+    ``quantized_length(n1)``."""
     c, t = self.config, k.shape[1]
     if rope is not None:
       k = rope(k, positions)
-    w, cap = self.k_res.shape[1], self.keys.codes.shape[2]
+    w = self.k_res.shape[1]
     pad = index + t - 1 - positions[:, -1]                # [b] left padding of each row
     n0, n1 = jnp.maximum(index - pad, 0), positions[:, -1] + 1
     q0, q1 = quantized_length(n0, c), quantized_length(n1, c)
@@ -214,16 +216,48 @@ class KIVILayerCache(LayerCache):
     pv = _rows(jnp.concatenate([self.v_res, v.astype(self.v_res.dtype)], 1), src)
     keys = self._flush(self.keys, pk, q0, q1 - q0, quantize_keys)
     values = self._flush(self.values, pv, q0, q1 - q0, quantize_values)
+    keep = jnp.arange(w)[None] + (q1 - q0)[:, None]
+    new = KIVILayerCache(keys, values, _rows(pk, keep), _rows(pv, keep), c, self.max_len)
+    return pk, pv, q0, n1, pad, new
+
+  def update(self, k, v, index, positions, rope=None):
+    """Appends ``k`` (before RoPE), ``v [b, t, kv_heads, head_dim]`` at slots ``index ..``; returns ``(k_all,
+    v_all [b, max_len, kv_heads, head_dim], new cache)``: slot ``s`` of row ``b`` holds its token ``i = s -
+    pad_b``, read quantized if ``i < quantized_length(n0)`` (``n0`` tokens before the call), exactly if ``i <
+    n1`` (tokens after), as zeros otherwise (padding, future slots). Then flushes to ``quantized_length(n1)``.
+    (The dequantized view of the whole store: what the XLA reference attends over; :meth:`attend` reads the
+    codes.)"""
+    pk, pv, q0, n1, pad, new = self._advance(k, v, index, positions, rope)
+    cap, p = new.keys.codes.shape[2], pk.shape[1]
     i = jnp.arange(self.max_len)[None] - pad[:, None]     # [b, max_len] token index of each slot
-    sel = jnp.where((i < 0) | (i >= n1[:, None]), cap + w + t, jnp.where(i < q0[:, None], i, cap + i - q0[:, None]))
+    sel = jnp.where((i < 0) | (i >= n1[:, None]), cap + p, jnp.where(i < q0[:, None], i, cap + i - q0[:, None]))
 
     def view(store, pending):
       deq = jnp.swapaxes(store.dequantize(), 1, 2)
       return _rows(jnp.concatenate([deq, pending, jnp.zeros_like(pending[:, :1])], 1), sel)
 
-    keep = jnp.arange(w)[None] + (q1 - q0)[:, None]
-    new = KIVILayerCache(keys, values, _rows(pk, keep), _rows(pv, keep), c, self.max_len)
-    return view(keys, pk), view(values, pv), new
+    return view(new.keys, pk), view(new.values, pv), new
+
+  def attend(self, q, k, v, *, index, positions, rope, mask, scale, hooks=None, implementation: str = "auto"):
+    """``(out [b, t, h, d], new cache)``: the call's bookkeeping (:meth:`_advance`), then
+    :func:`qjax.kernels.kivi_attention.kivi_attention` over the store's packed codes (the ``q0`` tokens read
+    quantized) and the pending tokens, with the slot mask ``mask [b, t, max_len]`` mapped to both. With attention
+    quantizers in ``hooks`` (W8A8 attention) the reference path over :meth:`update`'s view runs instead."""
+    if any(getattr(hooks, n, None) is not None for n in ("attn_q", "attn_k", "attn_probs", "attn_v")):
+      return super().attend(q, k, v, index=index, positions=positions, rope=rope, mask=mask, scale=scale,
+                            hooks=hooks, implementation=implementation)
+    pk, pv, q0, n1, pad, new = self._advance(k, v, index, positions, rope)
+    cap, p = new.keys.codes.shape[2], pk.shape[1]
+    slot_mask = lambda tok: jnp.take_along_axis(                   # mask[b, :, pad + tok] for tok [b, n]
+        mask, jnp.broadcast_to(jnp.clip(pad[:, None] + tok, 0, mask.shape[-1] - 1)[:, None], (*mask.shape[:2],
+                                                                                             tok.shape[1])), axis=2)
+    store_tok = jnp.broadcast_to(jnp.arange(cap)[None], (q.shape[0], cap))
+    pend_tok = q0[:, None] + jnp.arange(p)[None]
+    mask_store = slot_mask(store_tok) & (store_tok < q0[:, None])[:, None]
+    mask_pend = slot_mask(pend_tok) & (pend_tok < n1[:, None])[:, None]
+    out = kivi_attention(q, new.keys, new.values, pk.astype(q.dtype), pv.astype(q.dtype), mask_store, mask_pend, q0,
+                         scale, implementation=implementation)
+    return out, new
 
   @staticmethod
   def _flush(store: KIVITensor, pending, start, count, quantize) -> KIVITensor:
