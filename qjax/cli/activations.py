@@ -107,6 +107,12 @@ def matmul_paths(model, params, act: ActQuantConfig) -> list[str]:
   return sorted({path_name(flat[p], hook, model.kernel) for p in linears})
 
 
+def head_path(model, params) -> str:
+  """The execution path of the output projection (``lm_head``, or the embedding when tied)."""
+  flat, fam = tree.flatten(params), model.family
+  return path_name(flat[fam.lm_head] if fam.lm_head in flat else flat[fam.embed], None, model.kernel)
+
+
 def describe(act: ActQuantConfig, method: str = "none") -> str:
   """One line for the summary, e.g. ``8-bit per-token asym, dynamic; + attention matmuls``."""
   if method == "llm_int8":

@@ -13,11 +13,13 @@ import numpy as np
 
 from qjax import api
 from qjax.cli import common as cli
+from qjax.cli import activations as act_cli
 from qjax.cli import recipe
 from qjax.core.errors import InputError
 from qjax.evaluation.generation import (GenerationResult, Generator, Sampling, bucket, completion_text, eos_token_ids,
                                         plan_lengths)
 from qjax.io import checkpoint
+from qjax.models.kv_cache import KVCache
 from qjax.io import text as data
 
 PROG = "python -m qjax.generate"
@@ -93,6 +95,15 @@ class _Streamer:
     print(text[self.printed:], flush=True)
 
 
+def kernel_paths(q) -> dict:
+  """Which kernel path the decoder linears, the output head and the cache's attention take (``q``: the CLI's
+  :class:`qjax.cli.recipe.Run`)."""
+  factory = q.kv.cache_factory if q.kv else KVCache.dense
+  return {"linears": ", ".join(act_cli.matmul_paths(q.model, q.params, q.act)),
+          "head": act_cli.head_path(q.model, q.params),
+          "attention": factory(q.model.config, 1, 2).layers[0].attention_path(q.model.kernel)}
+
+
 def _report(r: GenerationResult, cache_dtype, cache_label: str = "dense") -> str:
   tps = r.decode_tokens_per_second
   decode = "no decode step"
@@ -104,7 +115,11 @@ def _report(r: GenerationResult, cache_dtype, cache_label: str = "dense") -> str
           f"compile {r.compile_seconds:.1f} s")
 
 
-def _result_json(r: GenerationResult, args, method, cache_dtype) -> dict:
+def _paths_line(paths: dict) -> str:
+  return "kernels: " + "; ".join(f"{k} {v}" for k, v in paths.items())
+
+
+def _result_json(r: GenerationResult, args, method, cache_dtype, paths: dict) -> dict:
   return {
       "tokens": r.tokens, "texts": r.texts, "finish_reasons": r.finish_reasons, "prompt_tokens": r.prompt_lengths,
       "timing": {"prefill_seconds": r.prefill_seconds, "decode_seconds": r.decode_seconds,
@@ -112,6 +127,7 @@ def _result_json(r: GenerationResult, args, method, cache_dtype) -> dict:
                  "compile_seconds": r.compile_seconds},
       "cache": {"dtype": np.dtype(cache_dtype).name, "max_len": r.max_len, "bytes_per_token": r.cache_bytes_per_token},
       "config": {**vars(args), "model_dir": str(cli.model_dir(args)), "method": method},
+      "kernels": paths,
   }
 
 
@@ -176,7 +192,9 @@ def run(argv=None) -> int:
   gen = Generator(q.model, q.params, tok, sampling=sampling,
                   **({"cache_factory": q.kv.cache_factory} if q.kv else {}))
   stop = sorted(set(eos_token_ids(model.config, tok)) | set(args.stop_token))
+  paths = kernel_paths(q)
   if args.chat:
+    print(_paths_line(paths), file=sys.stderr)
     _chat(gen, args, stop, cache_label, pad_prompts=q.kv is None)
     return 0
   stream = _Streamer(tok, prompts[0], stop) if len(prompts) == 1 else None
@@ -187,8 +205,9 @@ def run(argv=None) -> int:
   else:
     stream.finish(r.texts[0])
   print(_report(r, gen.cache_dtype, cache_label), file=sys.stderr)
+  print(_paths_line(paths), file=sys.stderr)
   if args.json:
-    cli.write_json(args.json, _result_json(r, args, method, gen.cache_dtype))
+    cli.write_json(args.json, _result_json(r, args, method, gen.cache_dtype, paths))
   return 0
 
 

@@ -137,6 +137,7 @@ def run(argv=None) -> int:
               if args.export_gguf else None)
   rep = size.size_report(qparams)
   paths = act_cli.matmul_paths(model, qparams, act)
+  head = act_cli.head_path(model, qparams)
   tps = {n: r.tokens_per_second for n, r in results.items()}
   out = {
       "ppl": {n: r.ppl for n, r in results.items()},
@@ -147,7 +148,7 @@ def run(argv=None) -> int:
                  "eval_tokens_per_second": sum(tps.values()) / len(tps) if tps else None,
                  "eval_tokens_per_second_by_dataset": tps},
       "config": {**{k: v for k, v in vars(args).items() if k != "no_progress"}, "seqlen": seqlen,
-                 "model_dir": str(source_dir), "method": method, "matmul_path": ", ".join(paths),
+                 "model_dir": str(source_dir), "method": method, "matmul_path": ", ".join(paths), "head_path": head,
                  "activations": act_cli.describe(act, method["name"]), "loaded": q.loaded},
       "protocol": perplexity.PROTOCOL,
   }
@@ -236,6 +237,7 @@ def _print_summary(out, results, baseline, method, linears):
          ["KV cache bytes / token", f"{out['kv_cache']['bytes_per_token']:,.0f} (dense "
                                    f"{out['kv_cache']['dense_bytes_per_token']:,.0f})"]] if "kv_cache" in out else []),
       ["matmul path", out["config"]["matmul_path"]],
+      ["output head path", out["config"]["head_path"]],
       ["fp16-equivalent bytes", f"{s['fp16_bytes']:,}"],
       ["quantized bytes", f"{s['quantized_bytes']:,}"],
       ["bits / quantized weight", f"{s['bits_per_weight']:.3f}"],

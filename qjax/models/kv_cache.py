@@ -33,6 +33,10 @@ class LayerCache:
     return kv_attention(self, q, k, v, index=index, positions=positions, rope=rope, mask=mask, scale=scale,
                         hooks=hooks, implementation=implementation)
 
+  def attention_path(self, implementation: str = "auto") -> str:
+    """The path :meth:`attend` takes (CLI summaries)."""
+    return "xla (keys and values read back dense)"
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

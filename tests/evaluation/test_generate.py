@@ -259,7 +259,9 @@ def test_cli_chat_plain_prompt(monkeypatch, capsys, llama_dir, llama_greedy):
   assert generate.main(["--chat", "--model", str(llama_dir), "--max-new-tokens", "40", "--max-len", str(n)]) == 0
   out, err = capsys.readouterr()
   assert out == 2 * (llama_greedy.generate([PROMPT], 40, max_len=n).texts[0] + "\n")
-  assert len(err.strip().splitlines()) == 2 and "tokens/s" in err
+  lines = err.strip().splitlines()       # the kernel paths, then one report per prompt
+  assert len(lines) == 3 and lines[0].startswith("kernels: linears dense; head dense; attention xla") and \
+      all("tokens/s" in line for line in lines[1:])
 
 
 def test_cli_chat_compiles_once_per_bucket(cli_runs, greedy):

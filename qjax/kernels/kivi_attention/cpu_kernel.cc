@@ -44,17 +44,6 @@ using qjax_native::ScaleType;
 struct Scales {
   const void* data;
   ScaleType type;
-
-  float At(int64_t i) const {
-    switch (type) {
-      case ScaleType::kF16: return qjax_native::HalfToFloat(static_cast<const uint16_t*>(data)[i]);
-      case ScaleType::kBF16: return qjax_native::Bf16ToFloat(static_cast<const uint16_t*>(data)[i]);
-      default: return static_cast<const float*>(data)[i];
-    }
-  }
-  void Load(int64_t start, int64_t n, float* out) const {
-    for (int64_t i = 0; i < n; ++i) out[i] = At(start + i);
-  }
 };
 
 struct Problem {
@@ -95,7 +84,25 @@ struct PortableOps {
   static void Axpy(float a, const float* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
   }
+  // n scales or minima from element `start` of x, as float32
+  static void Load(const Scales& x, int64_t start, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) {
+      switch (x.type) {
+        case ScaleType::kF16: out[i] = qjax_native::HalfToFloat(static_cast<const uint16_t*>(x.data)[start + i]); break;
+        case ScaleType::kBF16: out[i] = qjax_native::Bf16ToFloat(static_cast<const uint16_t*>(x.data)[start + i]); break;
+        default: out[i] = static_cast<const float*>(x.data)[start + i];
+      }
+    }
+  }
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// One (row, KV head) task, once per instruction set (cpu_task.inc).
+
+namespace portable {
+using Ops = PortableOps;
+#include "cpu_task.inc"
+}  // namespace portable
 
 #if QJAX_X86
 #if defined(__clang__)
@@ -105,27 +112,37 @@ struct PortableOps {
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#define QJAX_INLINE inline __attribute__((always_inline))
+
 struct Avx2Ops {
-  // d is a multiple of 8; widths 1..4 and 8 (the others fall back to the portable unpack).
-  static void Unpack(const uint8_t* row, int bits, int64_t d, float* out) {
-    if (bits == 8) {
-      for (int64_t c = 0; c < d; c += 8) {
-        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
-        _mm256_storeu_ps(out + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)));
-      }
-      return;
-    }
-    if (bits > 4) return PortableOps::Unpack(row, bits, d, out);
-    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-    for (int64_t c = 0; c < d; c += 8) {  // 8 codes = `bits` bytes
+  template <int B>
+  static QJAX_INLINE void UnpackWidth(const uint8_t* row, int64_t d, float* out) {  // 8 codes = B bytes
+    const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+    for (int64_t c = 0; c < d; c += 8) {
       uint32_t w = 0;
-      std::memcpy(&w, row + c / 8 * bits, bits);
+      std::memcpy(&w, row + c / 8 * B, B);
       const __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shifts), mask);
       _mm256_storeu_ps(out + c, _mm256_cvtepi32_ps(v));
     }
   }
-  static float Dot(const float* a, const float* b, int64_t n) {
+  // d is a multiple of 8; widths 1..4 and 8 (the others take the portable unpack)
+  static QJAX_INLINE void Unpack(const uint8_t* row, int bits, int64_t d, float* out) {
+    switch (bits) {
+      case 1: return UnpackWidth<1>(row, d, out);
+      case 2: return UnpackWidth<2>(row, d, out);
+      case 3: return UnpackWidth<3>(row, d, out);
+      case 4: return UnpackWidth<4>(row, d, out);
+      case 8:
+        for (int64_t c = 0; c < d; c += 8) {
+          const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c));
+          _mm256_storeu_ps(out + c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)));
+        }
+        return;
+      default: return PortableOps::Unpack(row, bits, d, out);
+    }
+  }
+  static QJAX_INLINE float Dot(const float* a, const float* b, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -141,13 +158,26 @@ struct Avx2Ops {
     for (; i < n; ++i) acc += a[i] * b[i];
     return acc;
   }
-  static void Axpy(float a, const float* x, float* y, int64_t n) {
+  static QJAX_INLINE void Axpy(float a, const float* x, float* y, int64_t n) {
     const __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; ++i) y[i] += a * x[i];
   }
+  static void Load(const Scales& x, int64_t start, int64_t n, float* out) {
+    if (x.type != ScaleType::kF16) return PortableOps::Load(x, start, n, out);
+    const uint16_t* h = static_cast<const uint16_t*>(x.data) + start;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+    for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+  }
 };
+
+namespace avx2 {
+using Ops = Avx2Ops;
+#include "cpu_task.inc"
+}  // namespace avx2
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -155,88 +185,6 @@ struct Avx2Ops {
 #pragma GCC pop_options
 #endif
 #endif  // QJAX_X86
-
-// ---------------------------------------------------------------------------------------------------------------
-// One (row, KV head) task.
-
-template <class Ops>
-void Task(const Problem& p, int64_t bi, int64_t g) {
-  const int64_t R = p.t * p.rep, d = p.d, G = p.G, P = p.P;
-  const int64_t n = std::min<int64_t>(std::max<int32_t>(p.length[bi], 0), p.L);
-  const int64_t S = n + P;                      // scores per query row
-  std::vector<float> qf(R * d), sc(R * S), qs(R * d), qm(R), cf(d), ks(d), km(d);
-  std::vector<float> acc(R * d, 0.0f), macc(R * (d / G), 0.0f), vs(d / G), vm(d / G);
-  auto qrow = [&](int64_t r) {  // query row r = (ti, rr) reads head g * rep + rr of token ti
-    const int64_t ti = r / p.rep, hh = g * p.rep + r % p.rep;
-    return p.q + ((bi * p.t + ti) * p.h + hh) * d;
-  };
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < d; ++c) qf[r * d + c] = qrow(r)[c] * p.scale;
-  const int64_t head = bi * p.kvh + g;          // [b, kvh] index of the store
-  // keys of the store, one group of G tokens (one row of scale / mn) at a time
-  for (int64_t s0 = 0; s0 < n; s0 += G) {
-    const int64_t j = s0 / G;
-    p.kscale.Load((head * (p.L / G) + j) * d, d, ks.data());
-    p.kmn.Load((head * (p.L / G) + j) * d, d, km.data());
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < d; ++c) qs[r * d + c] = qf[r * d + c] * ks[c];
-      qm[r] = Ops::Dot(&qf[r * d], km.data(), d);
-    }
-    for (int64_t s = s0; s < std::min(s0 + G, n); ++s) {
-      Ops::Unpack(p.kcodes + (head * p.L + s) * p.pk, p.kbits, d, cf.data());
-      for (int64_t r = 0; r < R; ++r) sc[r * S + s] = Ops::Dot(&qs[r * d], cf.data(), d) + qm[r];
-    }
-  }
-  for (int64_t i = 0; i < P; ++i) {
-    const float* k = p.kpend + ((bi * P + i) * p.kvh + g) * d;
-    for (int64_t r = 0; r < R; ++r) sc[r * S + n + i] = Ops::Dot(&qf[r * d], k, d);
-  }
-  // softmax over the visible tokens (masked ones get probability 0)
-  std::vector<float> denom(R);
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t ti = r / p.rep;
-    const bool* ms = p.mask_store + (bi * p.t + ti) * p.L;
-    const bool* mp = p.mask_pend + (bi * p.t + ti) * P;
-    float* row = &sc[r * S];
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < S; ++s)
-      if (s < n ? ms[s] : mp[s - n]) mx = std::max(mx, row[s]);
-    float sum = 0.0f;
-    for (int64_t s = 0; s < S; ++s) {
-      row[s] = (s < n ? ms[s] : mp[s - n]) ? std::exp(row[s] - mx) : 0.0f;
-      sum += row[s];
-    }
-    denom[r] = sum;
-  }
-  // values of the store, one token at a time
-  for (int64_t s = 0; s < n; ++s) {
-    bool any = false;
-    for (int64_t r = 0; r < R && !any; ++r) any = sc[r * S + s] != 0.0f;
-    if (!any) continue;
-    Ops::Unpack(p.vcodes + (head * p.L + s) * p.pv, p.vbits, d, cf.data());
-    p.vscale.Load((head * p.L + s) * (d / G), d / G, vs.data());
-    p.vmn.Load((head * p.L + s) * (d / G), d / G, vm.data());
-    for (int64_t r = 0; r < R; ++r) {
-      const float w = sc[r * S + s];
-      if (w == 0.0f) continue;
-      for (int64_t gc = 0; gc < d / G; ++gc) {
-        Ops::Axpy(w * vs[gc], &cf[gc * G], &acc[r * d + gc * G], G);
-        macc[r * (d / G) + gc] += w * vm[gc];
-      }
-    }
-  }
-  for (int64_t i = 0; i < P; ++i) {
-    const float* v = p.vpend + ((bi * P + i) * p.kvh + g) * d;
-    for (int64_t r = 0; r < R; ++r)
-      if (sc[r * S + n + i] != 0.0f) Ops::Axpy(sc[r * S + n + i], v, &acc[r * d], d);
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t ti = r / p.rep, hh = g * p.rep + r % p.rep;
-    float* o = p.out + ((bi * p.t + ti) * p.h + hh) * d;
-    const float inv = denom[r] > 0.0f ? 1.0f / denom[r] : 0.0f;
-    for (int64_t c = 0; c < d; ++c) o[c] = (acc[r * d + c] + macc[r * (d / G) + c / G]) * inv;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // The FFI handler.
@@ -294,9 +242,9 @@ ffi::Error KIVIAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   p.mask_store = mask_store.typed_data(); p.mask_pend = mask_pend.typed_data();
   p.length = length.typed_data();
   p.out = out->typed_data();
-  void (*task)(const Problem&, int64_t, int64_t) = &Task<PortableOps>;
+  void (*task)(const Problem&, int64_t, int64_t) = &portable::Task;
 #if QJAX_X86
-  if (!force_scalar && HasAvx2()) task = &Task<Avx2Ops>;
+  if (!force_scalar && HasAvx2()) task = &avx2::Task;
 #endif
   qjax_native::ParallelFor(pool, p.b * p.kvh, [&p, task](int64_t c) { task(p, c / p.kvh, c % p.kvh); });
   return ffi::Error::Success();

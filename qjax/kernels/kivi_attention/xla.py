@@ -19,3 +19,6 @@ def kivi_attention(q, keys, values, k_pend, v_pend, mask_store, mask_pend, lengt
   v = jnp.swapaxes(values.dequantize(), 1, 2).astype(v_pend.dtype)
   mask = jnp.concatenate([store_mask(mask_store, length), mask_pend], axis=-1)
   return attention(q, jnp.concatenate([k, k_pend], 1), jnp.concatenate([v, v_pend], 1), mask, scale)
+
+
+kivi_attention.path = lambda: "xla (store dequantized whole)"

@@ -45,6 +45,7 @@ from qjax.core.errors import InputError
 from qjax.core.formats.kv import KIVITensor, group_view
 from qjax.core.options import Flag, option
 from qjax.kernels.kivi_attention import kivi_attention
+from qjax.kernels.kivi_attention import path_name as kivi_attention_path
 from qjax.methods.kv.flags import KV_BITS
 from qjax.methods.registry import KVCacheSetup, register_kv_method
 from qjax.models import layers
@@ -258,6 +259,9 @@ class KIVILayerCache(LayerCache):
     out = kivi_attention(q, new.keys, new.values, pk.astype(q.dtype), pv.astype(q.dtype), mask_store, mask_pend, q0,
                          scale, implementation=implementation)
     return out, new
+
+  def attention_path(self, implementation: str = "auto") -> str:
+    return kivi_attention_path(self.keys, implementation)
 
   @staticmethod
   def _flush(store: KIVITensor, pending, start, count, quantize) -> KIVITensor:
