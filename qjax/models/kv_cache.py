@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.kernels.kv_attention import kv_attention
+from qjax.kernels.kv_attention import path_name as kv_attention_path
 
 
 class LayerCache:
@@ -35,7 +36,7 @@ class LayerCache:
 
   def attention_path(self, implementation: str = "auto") -> str:
     """The path :meth:`attend` takes (CLI summaries)."""
-    return "xla (keys and values read back dense)"
+    return kv_attention_path(self, implementation)
 
 
 @jax.tree_util.register_dataclass

@@ -1,11 +1,12 @@
 """``kivi_attention``: the XLA spec and the native CPU kernel (its AVX2 and portable paths) over the shared grid
-(:class:`KIVIAttentionBase`), and the native kernel's refusals."""
+(:class:`KIVIAttentionBase`), the native kernel's refusals, and the dense cache's ``kv_attention`` through the same
+kernel (:class:`KVAttentionBase`)."""
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
-from kernel_base import KIVI_GRID, KIVIAttentionBase, kivi_operands, numpy_kivi_attention
+from kernel_base import KIVI_GRID, KIVIAttentionBase, KVAttentionBase, kivi_operands, numpy_kivi_attention
 
 from qjax.kernels.kivi_attention import cpu, kivi_attention
 
@@ -42,3 +43,9 @@ def test_odd_widths_and_prefill_fall_back():
     kivi_attention(*long, 0.125, implementation="cpu", fallback=False)
   np.testing.assert_allclose(np.asarray(kivi_attention(*long, 0.125, implementation="cpu")),
                              np.asarray(kivi_attention(*long, 0.125, implementation="xla")), rtol=1e-6)
+
+
+@needs_kernel
+class TestKVAttentionCPU(KVAttentionBase):
+  """The dense cache's decode attention through the native kernel (an empty store, every slot a pending token)."""
+  implementation = "cpu"

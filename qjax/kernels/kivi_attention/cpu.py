@@ -32,7 +32,7 @@ except ImportError as e:  # not built (no compiler at install time, or a source 
 else:
   IMPORT_ERROR = None
 
-__all__ = ["MAX_T", "available", "kivi_attention_cpu"]
+__all__ = ["MAX_T", "available", "dense_attention_cpu", "kivi_attention_cpu"]
 
 MAX_T = 16
 _TARGET = "qjax_kivi_attention_cpu"
@@ -77,6 +77,21 @@ def kivi_attention_cpu(q, keys: KIVITensor, values: KIVITensor, k_pend, v_pend, 
              k_bits=np.int64(keys.bits), v_bits=np.int64(values.bits), group_size=np.int64(keys.group_size),
              scale=np.float32(scale), force_scalar=np.int64(force_scalar))
   return out.astype(q.dtype)
+
+
+def dense_attention_cpu(q, k, v, mask, scale: float):
+  """Decode attention over dense keys and values ``k, v [b, s, kvh, d]`` (``q [b, t, h, d]``, ``t <= 16``,
+  ``mask [b, t, s]``): the kernel with an empty store, every token a pending one (hidden tokens, e.g. a cache's
+  free slots, are not scored)."""
+  b, _, kvh, d = k.shape
+  if d % 8:
+    raise NotImplementedError(f"cpu attention: head_dim {d} is not a multiple of 8")
+  empty = lambda cols, dt: jnp.zeros((b, kvh, 0, cols), dt)
+  store = lambda per_channel: KIVITensor(empty(d, jnp.uint8), empty(d if per_channel else 1, jnp.float32),
+                                         empty(d if per_channel else 1, jnp.float32), bits=8, group_size=d,
+                                         head_dim=d, per_channel=per_channel)
+  return kivi_attention_cpu(q, store(True), store(False), k, v, jnp.zeros((*mask.shape[:2], 0), bool), mask,
+                            jnp.zeros((b,), jnp.int32), scale)
 
 
 @OP.implementation("cpu", KIVITensor, platforms=("cpu",))

@@ -11,10 +11,12 @@ from qjax.kernels.dispatch import Op
 from qjax.kernels.kv_attention import xla
 from qjax.kernels.kv_attention.xla import attention, causal_blocks, gqa_output, gqa_scores, masked_softmax
 
-__all__ = ["OP", "attention", "causal_blocks", "gqa_output", "gqa_scores", "kv_attention", "masked_softmax"]
+__all__ = ["OP", "attention", "causal_blocks", "gqa_output", "gqa_scores", "kv_attention", "masked_softmax",
+           "path_name"]
 
 OP = Op("kv_attention", dispatch_arg=0)
 OP.reference(object)(xla.update_then_attend)
+xla.update_then_attend.path = lambda: "xla (keys and values read back dense)"
 
 
 def kv_attention(layer_cache, q, k_new, v_new, *, index, positions, rope, mask, scale, hooks=None,
@@ -24,3 +26,16 @@ def kv_attention(layer_cache, q, k_new, v_new, *, index, positions, rope, mask, 
   or None; ``mask [b, t, max_len]``."""
   return OP(layer_cache, q, k_new, v_new, index=index, positions=positions, rope=rope, mask=mask, scale=scale,
             hooks=hooks, implementation=implementation)
+
+
+def path_name(layer_cache, implementation: str = "auto") -> str:
+  """Which path :func:`kv_attention` takes for ``layer_cache`` (CLI summaries)."""
+  for name, fn in OP.select(layer_cache, implementation=implementation):
+    path = fn.path() if hasattr(fn, "path") else f"{name} kernel"
+    if path is not None:
+      return path
+  raise AssertionError("unreachable: the reference always names its path")
+
+
+# the implementations register with OP, so they are imported after it exists
+from qjax.kernels.kv_attention import cpu  # noqa: E402,F401  (registers the implementation)
