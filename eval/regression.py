@@ -81,7 +81,8 @@ def _smollm2() -> dict:
     out[f"kivi_{b}"] = (["--kv-method", "kivi", "--kv-bits", str(b), "--kv-group-size", "32", "--kv-residual",
                          "128"], None)
   for b in (2, 3, 4):
-    out[f"kvquant_{b}"] = (["--kv-method", "kvquant", "--kv-bits", str(b), "--calib-dataset", "wikitext2"], None)
+    out[f"kvquant_{b}"] = (["--kv-method", "kvquant", "--kv-bits", str(b), "--kv-fisher", "--calib-dataset",
+                            "wikitext2"], None)
   return out
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from qjax.core import tree
 from qjax.core.errors import InputError
-from qjax.kernels.qmatmul import path_name
 from qjax.methods.activations.outliers import OutlierConfig
 from qjax.methods.activations.quantizers import ActQuantConfig
 
@@ -98,19 +96,6 @@ def outlier_config(args) -> OutlierConfig | None:
   if not args.plant_outliers:
     return None
   return OutlierConfig(args.plant_outliers, args.outlier_factor, args.outlier_norms, args.seed)
-
-
-def matmul_paths(model, params, act: ActQuantConfig) -> list[str]:
-  """The execution paths the decoder linears take (for the summary)."""
-  flat, hook = tree.flatten(params), act.hooks().linear_input
-  linears = tree.matching(params, (model.family.linear_pattern,))
-  return sorted({path_name(flat[p], hook, model.kernel) for p in linears})
-
-
-def head_path(model, params) -> str:
-  """The execution path of the output projection (``lm_head``, or the embedding when tied)."""
-  flat, fam = tree.flatten(params), model.family
-  return path_name(flat[fam.lm_head] if fam.lm_head in flat else flat[fam.embed], None, model.kernel)
 
 
 def describe(act: ActQuantConfig, method: str = "none") -> str:

@@ -13,13 +13,12 @@ import numpy as np
 
 from qjax import api
 from qjax.cli import common as cli
-from qjax.cli import activations as act_cli
 from qjax.cli import recipe
 from qjax.core.errors import InputError
 from qjax.evaluation.generation import (GenerationResult, Generator, Sampling, bucket, completion_text, eos_token_ids,
                                         plan_lengths)
+from qjax.evaluation.kernel_paths import kernel_paths
 from qjax.io import checkpoint
-from qjax.models.kv_cache import KVCache
 from qjax.io import text as data
 
 PROG = "python -m qjax.generate"
@@ -93,15 +92,6 @@ class _Streamer:
   def finish(self, text: str):
     """Prints what is left of the final ``text`` and a newline."""
     print(text[self.printed:], flush=True)
-
-
-def kernel_paths(q) -> dict:
-  """Which kernel path the decoder linears, the output head and the cache's attention take (``q``: the CLI's
-  :class:`qjax.cli.recipe.Run`)."""
-  factory = q.kv.cache_factory if q.kv else KVCache.dense
-  return {"linears": ", ".join(act_cli.matmul_paths(q.model, q.params, q.act)),
-          "head": act_cli.head_path(q.model, q.params),
-          "attention": factory(q.model.config, 1, 2).layers[0].attention_path(q.model.kernel)}
 
 
 def _report(r: GenerationResult, cache_dtype, cache_label: str = "dense") -> str:
@@ -192,7 +182,7 @@ def run(argv=None) -> int:
   gen = Generator(q.model, q.params, tok, sampling=sampling,
                   **({"cache_factory": q.kv.cache_factory} if q.kv else {}))
   stop = sorted(set(eos_token_ids(model.config, tok)) | set(args.stop_token))
-  paths = kernel_paths(q)
+  paths = kernel_paths(q.model, q.params, q.act.hooks().linear_input, q.kv.cache_factory if q.kv else None)
   if args.chat:
     print(_paths_line(paths), file=sys.stderr)
     _chat(gen, args, stop, cache_label, pad_prompts=q.kv is None)

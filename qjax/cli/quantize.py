@@ -16,7 +16,7 @@ from qjax.cli import common as cli
 from qjax.cli import kv as kv_cli
 from qjax.cli import recipe
 from qjax.core.errors import InputError
-from qjax.evaluation import perplexity, size
+from qjax.evaluation import kernel_paths, perplexity, size
 from qjax.io import assets, checkpoint, gguf_export, hf_gptq, quantized
 from qjax.io import text as data
 from qjax.methods.weights import gptq, spqr
@@ -136,8 +136,8 @@ def run(argv=None) -> int:
                                       overwrite=args.overwrite, dense_type=args.gguf_dense_type)
               if args.export_gguf else None)
   rep = size.size_report(qparams)
-  paths = act_cli.matmul_paths(model, qparams, act)
-  head = act_cli.head_path(model, qparams)
+  paths = kernel_paths.linear_paths(model, qparams, act.hooks().linear_input)
+  head = kernel_paths.head_path(model, qparams)
   tps = {n: r.tokens_per_second for n, r in results.items()}
   out = {
       "ppl": {n: r.ppl for n, r in results.items()},

@@ -137,10 +137,9 @@ def test_model_kernel_choice_end_to_end(llama_dir):
   """``CausalLM.kernel``: a W4 g32 model decodes the same greedy tokens through the native kernel ("auto" on CPU)
   as through the XLA reference, with decode logits equal to float rounding; the summary names each path."""
   from qjax import api
-  from qjax.cli.activations import matmul_paths
   from qjax.evaluation.generation import Generator
+  from qjax.evaluation.kernel_paths import linear_paths
   from qjax.io.hf import load_model
-  from qjax.methods.activations.quantizers import ActQuantConfig
   from qjax.methods.weights.rtn import RTNConfig
   model, params = load_model(llama_dir)
   q = api.quantize_model(model, params, api.Recipe(weights=(api.Rule(r".*", RTNConfig(bits=4, group_size=32)),)))
@@ -153,7 +152,7 @@ def test_model_kernel_choice_end_to_end(llama_dir):
   np.testing.assert_allclose(auto, xla, rtol=1e-5, atol=1e-5 * np.abs(xla).max())
   hlo = {k: jax.jit(q.model.with_kernel(k).apply).lower(q.params, ids).as_text() for k in ("auto", "xla")}
   assert "qjax_qmatmul_cpu" in hlo["auto"] and "qjax_qmatmul_cpu" not in hlo["xla"]   # the choice took effect
-  assert matmul_paths(q.model.with_kernel("xla"), q.params, ActQuantConfig()) == ["emulated (dequantize + matmul)"]
-  assert matmul_paths(q.model, q.params, ActQuantConfig()) == [cpu.qmatmul_qarray.path(None, None)]
+  assert linear_paths(q.model.with_kernel("xla"), q.params) == ["emulated (dequantize + matmul)"]
+  assert linear_paths(q.model, q.params) == [cpu.qmatmul_qarray.path(None, None)]
   with pytest.raises(ValueError, match="unknown kernel 'triton'"):
     q.model.with_kernel("triton")

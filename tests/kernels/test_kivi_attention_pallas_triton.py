@@ -14,8 +14,8 @@ import pytest
 from kernel_base import KIVIAttentionBase, kivi_operands, numpy_kivi_attention
 
 from qjax.kernels.kivi_attention import kivi_attention
-from qjax.kernels.kivi_attention.pallas_triton import (Tiling,  # importing the module registers the implementation
-                                                       choose_tiling, kivi_attention_pallas)
+from qjax.kernels.kivi_attention.pallas_triton import Tiling  # importing the module registers the implementation
+from qjax.kernels.kivi_attention.pallas_triton import choose_tiling, kivi_attention_pallas
 
 
 class TestKIVIAttentionPallasTriton(KIVIAttentionBase):
