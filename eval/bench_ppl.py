@@ -22,6 +22,9 @@ sizes its thread pool from the affinity mask), so both use N threads whatever ``
 machine, libgomp's default spin-waiting makes torch with 2 threads 5-10x slower than with 1 (a 128x128 matmul
 takes ~15 ms instead of ~80 us); PASSIVE costs torch ~5% on stories260K when the machine is idle.
 
+``--weights fp,rtn-w4g64`` also scores RTN-quantized variants of each model with qjax (same windows, same batch;
+prefill-sized batches run the ``qmatmul`` path for M > 16 rows) and reports their throughput beside qjax fp's.
+
 Run: ``make bench`` (= ``OMP_NUM_THREADS=1 .venv/bin/python eval/bench_ppl.py``), or e.g.
   JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 python eval/bench_ppl.py --models llama8x512 --nsamples 32 --batch-size 8
 Prints one JSON object to stdout; progress goes to stderr.
@@ -126,23 +129,49 @@ def torch_ppl(model, w, batch_size):
   return float(np.exp(np.mean(nll.astype(np.float64)))), n * t / elapsed
 
 
-def bench(name, path, tokens, seqlen, nsamples, batch_size, repeats, attn):
+def quantized_weights(model, params, spec: str):
+  """``(model, params)`` of a ``--weights`` entry ``rtn-wBgG`` (RTN, B bits, groups of G input columns, G = -1 per
+  channel) on every decoder linear, through ``qjax.quantize_model``; ``fp`` is the float model."""
+  if spec == "fp":
+    return model, params
+  import re
+
+  import qjax
+  from qjax.methods import RTNConfig
+  got = re.fullmatch(r"rtn-w(\d)g(-?\d+)", spec)
+  if got is None:
+    raise SystemExit(f"--weights: {spec!r} is neither fp nor rtn-wBgG (e.g. rtn-w4g64)")
+  cfg = RTNConfig(bits=int(got[1]), group_size=int(got[2]))
+  q = qjax.quantize_model(model, params, qjax.Recipe(weights=(qjax.Rule(model.family.linear_pattern, cfg),)))
+  return q.model, q.params
+
+
+def bench(name, path, tokens, seqlen, nsamples, batch_size, repeats, attn, weights=("fp",)):
   import torch
 
   from qjax.evaluation import perplexity
   from qjax.io.hf import load_model
   w = perplexity.windows(tokens, seqlen, nsamples)
   model, params = load_model(path)
+  variants = {spec: quantized_weights(model, params, spec) for spec in weights if spec != "fp"}
   tm = torch_causal_lm(path, attn)
   bs = min(batch_size or perplexity.default_batch_size(seqlen, model.config.vocab_size), len(w))
   log(f"[{name}] {len(w)} windows x {seqlen} tokens, batch {bs}, {repeats} rounds")
-  qt, tt = [], []
+  qt, tt, vt, vppl = [], [], {spec: [] for spec in variants}, {}
   for i in range(repeats):
     r = perplexity.perplexity(model, params, tokens, seqlen, len(w), bs, progress=False)
     tppl, tps = torch_ppl(tm, w, bs)
     qt.append(r.tokens_per_second), tt.append(tps)
     log(f"[{name}] round {i}: qjax {qt[-1]:9.0f} tok/s (ppl {r.ppl:.4f})  torch {tt[-1]:9.0f} tok/s (ppl {tppl:.4f})")
-  return {"qjax_tokens_per_second": round(max(qt), 1), "torch_tokens_per_second": round(max(tt), 1),
+    for spec, (vm, vp) in variants.items():
+      rv = perplexity.perplexity(vm, vp, tokens, seqlen, len(w), bs, progress=False)
+      vt[spec].append(rv.tokens_per_second)
+      vppl[spec] = rv.ppl
+      log(f"[{name}] round {i}: qjax {spec} {vt[spec][-1]:9.0f} tok/s (ppl {rv.ppl:.4f})")
+  quantized = {spec: {"qjax_tokens_per_second": round(max(t), 1), "ratio_vs_qjax_fp": round(max(t) / max(qt), 3),
+                      "ppl": vppl[spec], "rounds_tokens_per_second": [round(x) for x in t]} for spec, t in vt.items()}
+  return {**({"weights": quantized} if quantized else {}),
+          "qjax_tokens_per_second": round(max(qt), 1), "torch_tokens_per_second": round(max(tt), 1),
           "ratio": round(max(qt) / max(tt), 3), "qjax_ppl": r.ppl, "torch_ppl": tppl,
           "ppl_rel_diff": abs(r.ppl - tppl) / tppl, "windows": len(w), "seqlen": seqlen, "batch_size": bs,
           "threads": torch.get_num_threads(), "torch_attn_implementation": attn,
@@ -159,6 +188,8 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks (default: all)")
   p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is reported")
   p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="torch attention implementation")
+  p.add_argument("--weights", default="fp", help="qjax weight variants measured beside fp, e.g. fp,rtn-w4g64 "
+                                                 "(RTN on every decoder linear; reported with their ratio to fp)")
   args = p.parse_args(argv)
   names = [m for m in args.models.split(",") if m]
   if unknown := set(names) - set(MODELS):
@@ -181,7 +212,7 @@ def main(argv=None):
       path, tok_dir = model_source(name, tmp)
       tokens = data.tokenize(data.load_tokenizer(tok_dir), text)
       out["models"][name] = bench(name, path, tokens, args.seqlen or seqlen, args.nsamples or nsamples,
-                                  args.batch_size, args.repeats, args.attn)
+                                  args.batch_size, args.repeats, args.attn, args.weights.split(","))
   print(json.dumps(out, indent=1))
 
 
