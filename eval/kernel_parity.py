@@ -9,14 +9,15 @@ the XLA reference everywhere):
   * perplexity on the WikiText-2 test text (``--seqlen``, first ``--eval-nsamples`` windows), weights only and
     with the KIVI-2 quantized past (``qjax.evaluation.perplexity``, the model's ``kv_past`` hook);
   * greedy generation of ``--new-tokens`` tokens through the KIVI-2 cache and through the dense cache
-    (``qjax.evaluation.generation.Generator``), from a raw prompt;
+    (``qjax.evaluation.generation.Generator``) after a prompt of the first ``--prompt-tokens`` tokens of the test
+    text (so that the KIVI store, not only its residual window, is read);
   * the kernel path of the linears, the head and the cache attention (what the CLIs' summaries print).
 
 Every kernel is compared with the first: the relative perplexity difference (the issue's bar: 1e-5) and whether
 the generated tokens are identical. Prints one JSON object; progress on stderr.
 
 Run: ``OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 python eval/kernel_parity.py`` (a few minutes on
-SmolLM2-135M), or ``--model stories260k --seqlen 256`` for the small model.
+SmolLM2-135M), or ``--model stories260k --seqlen 256 --calib-seqlen 256 --prompt-tokens 100`` for the small model.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def main(argv=None):
   p.add_argument("--calib-nsamples", type=int, default=32)
   p.add_argument("--calib-seqlen", type=int, default=512)
   p.add_argument("--new-tokens", type=int, default=64)
-  p.add_argument("--prompt", default="Once upon a time")
+  p.add_argument("--prompt-tokens", type=int, default=400,
+                 help="prompt: the first N tokens of the WikiText-2 test text (long enough that KIVI quantizes some)")
   args = p.parse_args(argv)
 
   import qjax
@@ -62,7 +64,7 @@ def main(argv=None):
   q = qjax.quantize_model(m.model, m.params, recipe,
                           calibration=qjax.calibration_windows(m.model, calib, args.calib_nsamples,
                                                                args.calib_seqlen))
-  prompt = tok(args.prompt)["input_ids"]
+  prompt = [int(t) for t in evals[:args.prompt_tokens]]
   runs = {}
   for kernel in args.kernels.split(","):
     model = q.model.with_kernel(kernel)
