@@ -94,17 +94,3 @@ def test_causal_blocks_equal_one_call(probs_bits):
   open_mask = jnp.ones_like(mask)
   assert not np.allclose(xla.causal_blocks(attend, q, (open_mask,), (k, v), block=8),
                          xla.attention(q, k, v, open_mask, 0.3, hooks), atol=1e-3)
-
-
-def test_query_blocks_equal_one_call():
-  """Non-causal attention of more than one block of queries (a cache prefill) runs in mapped query blocks and gives
-  the one-call result, padding rows dropped; a wrong mask row would show."""
-  from qjax.kernels.kv_attention import xla
-  rng = np.random.default_rng(4)
-  q = jnp.asarray(rng.normal(size=(2, 300, 4, 8)), jnp.float32)
-  k, v = (jnp.asarray(rng.normal(size=(2, 310, 2, 8)), jnp.float32) for _ in range(2))
-  mask = jnp.asarray(rng.random((2, 300, 310)) < 0.7).at[:, :, 0].set(True)
-  got = xla.attention(q, k, v, mask, 0.3)
-  want = xla._attend(q, k, v, mask, 0.3, None)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-  assert np.abs(np.asarray(xla.attention(q, k, v, mask.at[1, 257].set(True), 0.3) - want)[1, 257]).max() > 1e-3
