@@ -10,11 +10,21 @@ along its class hierarchy, so no ``isinstance`` chain grows with each new stored
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import jax
 
 IMPLEMENTATIONS = ("cpu", "pallas_triton", "pallas_tpu")   # the names an implementation may register under
+
+
+def load_native(module: str):
+  """``(module, None)`` for an optional native extension, or ``(None, the ImportError)`` when it is not built (no
+  compiler at install time, or a source checkout without the build)."""
+  try:
+    return importlib.import_module(module), None
+  except ImportError as e:
+    return None, e
 
 
 class Op:
@@ -73,6 +83,16 @@ class Op:
     if ref is None:
       raise TypeError(f"{self.name}: no reference for {type(arg).__name__}")
     return out + [("xla", ref)]
+
+  def path_name(self, *args, implementation: str = "auto", path_args: tuple = ()) -> str:
+    """The execution path :meth:`__call__` takes for ``args`` (CLI summaries): the first candidate's
+    ``fn.path(*path_args)`` that is not None (None: it cannot run at all here), or ``"<name> kernel"`` for one
+    without a ``path``."""
+    for name, fn in self.select(*args, implementation=implementation):
+      path = fn.path(*path_args) if hasattr(fn, "path") else f"{name} kernel"
+      if path is not None:
+        return path
+    raise AssertionError("unreachable: the reference always names its path")
 
   def __call__(self, *args, implementation: str = "auto", fallback: bool = True, **kwargs):
     """Runs the first applicable implementation; ``fallback=False`` (tests of a named implementation) raises its

@@ -1,5 +1,5 @@
 // Shared by qjax's native CPU kernels (XLA FFI handlers in Python extension modules): half-precision loads, the
-// run-time AVX2 check, and a parallel-for over the FFI intra-op thread pool.
+// run-time AVX2 check, a parallel-for over the FFI intra-op thread pool, and the extension module of a handler.
 #pragma once
 
 #include <algorithm>
@@ -94,6 +94,24 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t count, std::function
   chunks->Run();
   std::unique_lock<std::mutex> lock(chunks->mu);
   chunks->cv.wait(lock, [&] { return chunks->done.load() == chunks->count; });
+}
+
+// The extension module of one FFI handler: `def`'s module with the handler as the PyCapsule attribute `name` and
+// the constant HAS_AVX2; nullptr (a Python error set) on failure. Python.h must be included before this header.
+inline PyObject* HandlerModule(PyModuleDef* def, const char* name, void* handler) {
+  PyObject* m = PyModule_Create(def);
+  if (m == nullptr) return nullptr;
+  PyObject* cap = PyCapsule_New(handler, nullptr, nullptr);
+  if (cap == nullptr || PyModule_AddObject(m, name, cap) < 0) {
+    Py_XDECREF(cap);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  if (PyModule_AddIntConstant(m, "HAS_AVX2", HasAvx2() ? 1 : 0) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 }  // namespace qjax_native

@@ -47,11 +47,7 @@ def kivi_attention(q, keys, values, k_pend, v_pend, mask_store, mask_pend, lengt
 
 def path_name(keys, implementation: str = "auto") -> str:
   """Which path :func:`kivi_attention` takes for ``keys`` (CLI summaries)."""
-  for name, fn in OP.select(None, keys, implementation=implementation):
-    path = fn.path() if hasattr(fn, "path") else f"{name} kernel"
-    if path is not None:
-      return path
-  raise AssertionError("unreachable: the reference always names its path")
+  return OP.path_name(None, keys, implementation=implementation)
 # the implementations register with OP, so they are imported after it exists
 from qjax.kernels.kivi_attention import cpu  # noqa: E402,F401  (registers the implementation)
 from qjax.kernels.kivi_attention import pallas_tpu  # noqa: E402,F401  (registers the implementation)

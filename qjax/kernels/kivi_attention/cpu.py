@@ -23,14 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core.formats.kv import KIVITensor
+from qjax.kernels.dispatch import load_native
 from qjax.kernels.kivi_attention import OP
 
-try:
-  from qjax.kernels.kivi_attention import _cpu_kernel
-except ImportError as e:  # not built (no compiler at install time, or a source checkout without the build)
-  _cpu_kernel, IMPORT_ERROR = None, e
-else:
-  IMPORT_ERROR = None
+_cpu_kernel, IMPORT_ERROR = load_native("qjax.kernels.kivi_attention._cpu_kernel")
 
 __all__ = ["MAX_T", "available", "dense_attention_cpu", "kivi_attention_cpu"]
 

@@ -30,11 +30,7 @@ def kv_attention(layer_cache, q, k_new, v_new, *, index, positions, rope, mask, 
 
 def path_name(layer_cache, implementation: str = "auto") -> str:
   """Which path :func:`kv_attention` takes for ``layer_cache`` (CLI summaries)."""
-  for name, fn in OP.select(layer_cache, implementation=implementation):
-    path = fn.path() if hasattr(fn, "path") else f"{name} kernel"
-    if path is not None:
-      return path
-  raise AssertionError("unreachable: the reference always names its path")
+  return OP.path_name(layer_cache, implementation=implementation)
 
 
 # the implementations register with OP, so they are imported after it exists

@@ -36,8 +36,4 @@ def qmatmul(x: jax.Array, w, act=None, *, implementation: str = "auto", fallback
 
 def path_name(w, act=None, implementation: str = "auto") -> str:
   """Which execution path :func:`qmatmul` takes for ``w`` (shown in CLI summaries)."""
-  for name, fn in OP.select(None, w, act, implementation=implementation):
-    path = fn.path(w, act) if hasattr(fn, "path") else f"{name} kernel"
-    if path is not None:            # an implementation's ``path`` is None where it cannot run at all
-      return path
-  raise AssertionError("unreachable: the reference always names its path")
+  return OP.path_name(None, w, act, implementation=implementation, path_args=(w, act))

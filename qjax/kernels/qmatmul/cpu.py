@@ -44,14 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core.formats.qarray import QArray
+from qjax.kernels.dispatch import load_native
 from qjax.kernels.qmatmul import OP, xla
 
-try:
-  from qjax.kernels.qmatmul import _cpu_kernel
-except ImportError as e:  # not built (no compiler at install time, or a source checkout without the build)
-  _cpu_kernel, IMPORT_ERROR = None, e
-else:
-  IMPORT_ERROR = None
+_cpu_kernel, IMPORT_ERROR = load_native("qjax.kernels.qmatmul._cpu_kernel")
 
 __all__ = ["MAX_M", "HAS_AVX2", "available", "qmatmul_cpu"]
 

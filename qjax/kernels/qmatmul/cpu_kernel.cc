@@ -506,17 +506,5 @@ static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernel", "qjax native
                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__cpu_kernel(void) {
-  PyObject* m = PyModule_Create(&kModule);
-  if (m == nullptr) return nullptr;
-  PyObject* cap = PyCapsule_New(reinterpret_cast<void*>(&QjaxQMatmulCpu), nullptr, nullptr);
-  if (cap == nullptr || PyModule_AddObject(m, "qmatmul", cap) < 0) {
-    Py_XDECREF(cap);
-    Py_DECREF(m);
-    return nullptr;
-  }
-  if (PyModule_AddIntConstant(m, "HAS_AVX2", qjax_cpu::HasAvx2() ? 1 : 0) < 0) {
-    Py_DECREF(m);
-    return nullptr;
-  }
-  return m;
+  return qjax_native::HandlerModule(&kModule, "qmatmul", reinterpret_cast<void*>(&QjaxQMatmulCpu));
 }
