@@ -38,6 +38,7 @@ class Calibration:
   """
   model: CausalLM
   windows: np.ndarray
+  layer_report: bool = False   # measure each layer's output error (one more layer forward per layer)
 
   def with_model(self, model: CausalLM) -> "Calibration":
     """The same windows for another view of the model (other hooks or dtype)."""
@@ -65,9 +66,10 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
   ``process(i, prefix, layer_params, x [n, T, hidden]) -> (new_layer_params, losses)`` sees the layer's
   parameters (paths relative to ``prefix``, e.g. ``self_attn/q_proj/weight``) and its inputs. The next layer's
   inputs are the outputs of the new layer (``propagate="new"``, GPTQ's quantized-prefix order) or of the
-  float layer (``"fp"``, the teacher's hidden states, as LKD uses). Returns ``(params, CalibrationReport)``; the
-  report has each layer's relative output error ``||new(x) - fp(x)||^2 / ||fp(x)||^2``. The input tree is not
-  modified.
+  float layer (``"fp"``, the teacher's hidden states, as LKD uses). Returns ``(params, CalibrationReport)``.
+  With ``calibration.layer_report`` the report has each layer's relative output error ``||new(x) - fp(x)||^2 /
+  ||fp(x)||^2``, which costs running both layers; without it (the default) only the layer that ``propagate``
+  names runs and the error is None. The input tree is not modified.
   """
   if propagate not in ("new", "fp"):
     raise ValueError(f"propagate must be 'new' or 'fp', got {propagate!r}")
@@ -84,11 +86,14 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
     prefix = fam.layer_path(i)
     fp_layer = tree.subtree(flat, prefix)
     layer, losses = process(i, prefix, fp_layer, x)
-    y = capture.run_layer(model, layer, x)
-    y_fp = y if layer is fp_layer else capture.run_layer(model, fp_layer, x)  # unchanged layers run once
-    rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
-    x = y if propagate == "new" else y_fp
-    del y, y_fp
+    if layer is fp_layer or calibration.layer_report:
+      y = capture.run_layer(model, layer, x)
+      y_fp = y if layer is fp_layer else capture.run_layer(model, fp_layer, x)  # unchanged layers run once
+      rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
+      x = y if propagate == "new" else y_fp
+      del y, y_fp
+    else:
+      rel, x = None, capture.run_layer(model, layer if propagate == "new" else fp_layer, x)
     for p, v in tree.flatten(layer).items():
       flat[f"{prefix}/{p}"] = v
     reports.append(LayerReport(i, time.perf_counter() - t0, rel, losses))

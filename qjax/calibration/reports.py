@@ -8,7 +8,8 @@ import dataclasses
 class LayerReport:
   layer: int
   seconds: float
-  output_rel_error: float          # ||layer_q(x) - layer_fp(x)||^2 / ||layer_fp(x)||^2 on the calibration inputs
+  output_rel_error: float | None   # ||layer_q(x) - layer_fp(x)||^2 / ||layer_fp(x)||^2 on the calibration inputs
+  #                                  (None unless the calibration asked for a layer report)
   linear_losses: dict[str, float]  # method-specific per-linear loss (GPTQ: sum of column losses)
 
   def to_dict(self) -> dict:

@@ -21,9 +21,10 @@ def sample_windows(tokens: np.ndarray, nsamples: int, seqlen: int, seed: int = 0
 
 
 def calibration_windows(model: CausalLM, tokens: np.ndarray, nsamples: int, seqlen: int,
-                        seed: int = 0) -> Calibration:
+                        seed: int = 0, *, layer_report: bool = False) -> Calibration:
   """A :class:`Calibration` of ``nsamples`` seeded random windows of ``seqlen`` tokens (capped at the model's
-  context) of ``tokens`` (1-D ids); fails up front when the held activations would not fit in host memory."""
+  context) of ``tokens`` (1-D ids); fails up front when the held activations would not fit in host memory.
+  ``layer_report``: measure each layer's output error (:func:`qjax.calibration.walk_layers`)."""
   seqlen = min(seqlen, model.config.max_position_embeddings)
   check_memory_budget(model, nsamples, seqlen)
-  return Calibration(model, sample_windows(tokens, nsamples, seqlen, seed))
+  return Calibration(model, sample_windows(tokens, nsamples, seqlen, seed), layer_report)

@@ -205,8 +205,9 @@ def _print_summary(out, results, baseline, method, linears):
     keys = {k for l in c["layers"] for k in l["linear_losses"]}
     extra = sorted(keys - linears)
     summed = ["sum of losses"] if keys & linears else []
-    print(cli.format_table(["layer", "rel. output error", *summed, *extra, "seconds"], [
-        [l["layer"], f"{l['output_rel_error']:.3e}",
+    errors = ["rel. output error"] if any(l["output_rel_error"] is not None for l in c["layers"]) else []
+    print(cli.format_table(["layer", *errors, *summed, *extra, "seconds"], [
+        [l["layer"], *[f"{l['output_rel_error']:.3e}" for _ in errors],
          *[f"{sum(v for k, v in l['linear_losses'].items() if k in linears):.4g}" for _ in summed],
          *[l["linear_losses"].get(k, "-") for k in extra], f"{l['seconds']:.2f}"] for l in c["layers"]]))
     print(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['seconds']:.1f} s, activations "

@@ -36,6 +36,9 @@ def add_args(p: argparse.ArgumentParser):
                         "text, e.g. WikiText-2 validation for wikitext2; else tinystories)")
   c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
   c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 2048 capped at the model context)")
+  c.add_argument("--layer-report", action="store_true",
+                 help="measure each decoder layer's relative output error against the float layer (one more layer "
+                      "forward per layer)")
   options.add_flags(p, _configs(), "--method")
 
 
@@ -120,4 +123,4 @@ def calibration_data(args, model, tokenizer, seed: int) -> Calibration:
     raise InputError(f"calibration text {path} has {len(tokens)} tokens, fewer than one window of --calib-seqlen "
                      f"{seqlen} (+1) (default {default}, the model context capped at 2048): give a longer "
                      f"--calib-text or a smaller --calib-seqlen")
-  return calibration_windows(model, tokens, args.nsamples, seqlen, seed)
+  return calibration_windows(model, tokens, args.nsamples, seqlen, seed, layer_report=args.layer_report)

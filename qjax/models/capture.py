@@ -38,15 +38,16 @@ STATS = ("hessian", "absmax", "absmean")
 def capture_linears(model, layer_params, x, names, *, outputs: bool = False) -> dict:
   """Runs one decoder layer on one window ``x [T, hidden]`` and returns ``{name: array [T, features]}``: the
   input (or, with ``outputs``, the output) of each linear at the relative paths ``names`` (a Flax method
-  interceptor; nothing else is kept). Call it inside a scan over windows."""
+  interceptor; nothing else is kept). Linears that read the same input (q/k/v, gate/up) get the same array
+  object, so a caller can tell them apart with ``is``. Call it inside a scan over windows."""
   positions, mask = window_inputs(x.shape[0])
-  captured = {}
+  captured, by_input = {}, {}
 
   def grab(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     name = "/".join(context.module.path)
     if isinstance(context.module, layers.Linear) and context.method_name == "__call__" and name in names:
-      captured[name] = (y if outputs else args[0])[0]
+      captured[name] = y[0] if outputs else by_input.setdefault(id(args[0]), args[0][0])
     return y
 
   with nn.intercept_methods(grab):
@@ -61,23 +62,45 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
   Statistics of each linear's input ``x`` over all windows and tokens, accumulated with a scan over the ``n``
   windows of ``x`` (no activation is stored): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
   ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ).
+
+  Linears that read the same input (LLaMA's q/k/v and gate/up, OPT's q/k/v) share one accumulator: the
+  statistics are computed once per distinct input and the same arrays returned for each such linear.
   """
   update = {"hessian": lambda acc, a: acc + a.T @ a,
             "absmax": lambda acc, a: jnp.maximum(acc, jnp.max(jnp.abs(a), axis=0)),
             "absmean": lambda acc, a: acc + jnp.sum(jnp.abs(a), axis=0)}
+  source = shared_inputs(model, layer_params, x[0], names)
+  distinct = tuple(dict.fromkeys(source.values()))
 
   def body(acc, xi):
     captured = capture_linears(model, layer_params, xi, names)
-    captured = {n: a.reshape(-1, a.shape[-1]).astype(jnp.float32) for n, a in captured.items()}
+    captured = {n: captured[n].reshape(-1, captured[n].shape[-1]).astype(jnp.float32) for n in distinct}
     return {n: {k: update[k](acc[n][k], captured[n]) for k in kinds} for n in acc}, None
 
   def zeros(n, kind):
     d = _in_features(layer_params, n)
     return jnp.zeros((d, d) if kind == "hessian" else (d,), jnp.float32)
 
-  acc, _ = jax.lax.scan(body, {n: {k: zeros(n, k) for k in kinds} for n in names}, x)
+  acc, _ = jax.lax.scan(body, {n: {k: zeros(n, k) for k in kinds} for n in distinct}, x)
   scale = {"hessian": 2.0 / x.shape[0], "absmax": 1.0, "absmean": 1.0 / (x.shape[0] * x.shape[1])}
-  return {n: {k: v * scale[k] for k, v in s.items()} for n, s in acc.items()}
+  stats = {n: {k: v * scale[k] for k, v in s.items()} for n, s in acc.items()}
+  return {n: stats[source[n]] for n in names}
+
+
+def shared_inputs(model, layer_params, x, names) -> dict[str, str]:
+  """``{name: the first of names whose linear reads the same input}`` (traced once on one window ``x [T,
+  hidden]``, nothing computed)."""
+  source = {}
+
+  def trace(x):
+    captured = capture_linears(model, layer_params, x, names)
+    first = {}
+    for n in names:
+      source[n] = first.setdefault(id(captured[n]), n)
+    return 0
+
+  jax.eval_shape(trace, x)
+  return source
 
 
 def _in_features(layer_params, name):

@@ -20,12 +20,14 @@ def test_gptq_cli_round_trip(tmp_path):
     natural = pool.submit(_run, "--method", "gptq", "--wbits", "3", "--groupsize", "32", "--no-act-order",
                           "--nsamples", "4", "--calib-seqlen", "32", "--eval", "none", "--json", tmp_path / "n.json")
     r = _run("--method", "gptq", "--wbits", "3", "--groupsize", "32",
-             "--nsamples", "16", "--calib-seqlen", "64", "--baseline", *common,
+             "--nsamples", "16", "--calib-seqlen", "64", "--layer-report", "--baseline", *common,
              "--save", tmp_path / "ck", "--export-gptq", tmp_path / "exports" / "hf", "--json", tmp_path / "q.json")
     rn = natural.result()
   assert r.returncode == 0, r.stderr
   assert rn.returncode == 0, rn.stderr
-  cfg_n = json.loads((tmp_path / "n.json").read_text())["config"]["method"]["config"]
+  natural_out = json.loads((tmp_path / "n.json").read_text())
+  assert all(l["output_rel_error"] is None for l in natural_out["calibration"]["layers"])  # no --layer-report
+  cfg_n = natural_out["config"]["method"]["config"]
   assert cfg_n["act_order"] is False and cfg_n["static_groups"] is False
   out = json.loads((tmp_path / "q.json").read_text())
   cal = out["calibration"]

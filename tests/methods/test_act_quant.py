@@ -163,7 +163,7 @@ def test_smoothing_factors_reference_formula():
 
 
 def _calib(model, n=4, t=16):
-  return calibration.Calibration(model, np.asarray(_ids(model.config.vocab_size, n, t, seed=9)))
+  return calibration.Calibration(model, np.asarray(_ids(model.config.vocab_size, n, t, seed=9)), layer_report=True)
 
 
 def test_smoothquant_is_function_preserving(random_model):

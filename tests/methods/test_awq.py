@@ -87,7 +87,8 @@ CONFIG = awq.AWQConfig(bits=4, group_size=32)
 
 
 def calib_for(model, n=4, t=24):
-  return calibration.Calibration(model, np.random.default_rng(0).integers(0, model.config.vocab_size, (n, t)))
+  return calibration.Calibration(model, np.random.default_rng(0).integers(0, model.config.vocab_size, (n, t)),
+                                 layer_report=True)
 
 
 def rel_diff(a, b):

@@ -109,11 +109,17 @@ def test_model_level_every_flag_combination(tmp_path, family):
     path = hf_reference.make_opt_checkpoint(tmp_path, num_hidden_layers=1, ffn_dim=64)
   model, params = load_model(path)
   windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 24)).astype(np.int32)
-  calib = calibration.Calibration(model, windows)
+  calib = calibration.Calibration(model, windows, layer_report=True)
   ids = windows[:1]
   fp_logits = np.asarray(model.apply(params, ids)[0])
-  for flags in FLAGS if family == "llama" else FLAGS[::4]:  # OPT: a spread of 6 of the 24
+  for k, flags in enumerate(FLAGS if family == "llama" else FLAGS[::4]):  # OPT: a spread of 6 of the 24
     q, report = gptq.quantize(params, gptq.GPTQConfig(bits=4, **flags), calibration=calib, progress=False)
+    if k == 0:  # without the layer report: no float-layer forward, no errors, the same result
+      lean, lean_report = gptq.quantize(params, gptq.GPTQConfig(bits=4, **flags),
+                                        calibration=calibration.Calibration(model, windows), progress=False)
+      assert all(l.output_rel_error is None for l in lean_report.layers)
+      assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                 zip(jax.tree.leaves(q), jax.tree.leaves(lean)))
     quantized = [v for v in tree.flatten(q).values() if isinstance(v, QArray)]
     assert len(quantized) == len(model.family.linears) * model.config.num_layers
     assert len(report.layers) == model.config.num_layers and all(l.output_rel_error > 0 for l in report.layers)

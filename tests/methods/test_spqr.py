@@ -236,7 +236,8 @@ def test_model_level(request, fixture, tmp_path):
   model, params = load_model(path)
   windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (8, 32)).astype(np.int32)
   cfg = spqr.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.3, act_order=True)
-  q, report = spqr.quantize(params, cfg, calibration=calibration.Calibration(model, windows), progress=False)
+  q, report = spqr.quantize(params, cfg, calibration=calibration.Calibration(model, windows, layer_report=True),
+                          progress=False)
   arrays = [v for v in tree.flatten(q).values() if isinstance(v, spqr.SpQRArray)]
   assert len(arrays) == len(model.family.linears) * model.config.num_layers
   assert len(report.layers) == model.config.num_layers and all(l.output_rel_error > 0 for l in report.layers)

@@ -141,3 +141,29 @@ def test_bad_checkpoints(tmp_path, llama_dir):
   save_file(tensors, bad / "model.safetensors")
   with pytest.raises(InputError, match="missing"):
     load_model(bad)
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "opt_dir"])
+def test_linears_reading_one_input_share_their_statistics(request, fixture):
+  """q/k/v (and LLaMA's gate/up) read one input: collect_stats accumulates it once and hands each the same
+  arrays, equal to what a linear collected on its own gets (independent: x^T x of the captured input)."""
+  from qjax.core import tree
+  from qjax.models import capture
+  model, params = load_model(request.getfixturevalue(fixture))
+  fam = model.family
+  layer = tree.subtree(tree.flatten(params), fam.layer_path(0))
+  names = tuple(fam.linear_path(r) for r, _ in fam.linears)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 16)), jnp.int32)
+  x = capture.embed_windows(model, params, ids)
+  stats = capture.collect_stats(model, layer, x, names, ("hessian", "absmax"))
+  want = {fam.linear_path(r): fam.linear_path(group[0]) for group in fam.sequential for r in group}
+  assert capture.shared_inputs(model, layer, x[0], names) == want
+  qkv = tuple(fam.linear_path(r) for r in fam.sequential[0])
+  dots = lambda ns: str(jax.make_jaxpr(lambda x: capture.collect_stats(model, layer, x, ns))(x)).count("dot_general")
+  assert dots(qkv) == dots(qkv[:1]) < dots((qkv[0], fam.linear_path(fam.sequential[1][0])))  # one x^T x for q/k/v
+  for n in names:
+    alone = capture.collect_stats(model, layer, x, (n,), ("hessian",))[n]["hessian"]
+    np.testing.assert_array_equal(np.asarray(stats[n]["hessian"]), np.asarray(alone))
+    inputs = [capture.capture_linears(model, layer, xi, (n,))[n] for xi in x]
+    want = sum(np.asarray(a, np.float64).T @ np.asarray(a, np.float64) for a in inputs) * 2 / len(inputs)
+    np.testing.assert_allclose(np.asarray(stats[n]["hessian"]), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
