@@ -12,12 +12,13 @@ from qjax.methods.kv.kivi import KIVIConfig
 from qjax.methods.kv.kvquant import KVQuantConfig
 from qjax.methods.registry import kv_method_for, kv_methods, method_for, methods, register_kv_method, register_method
 from qjax.methods.weights.awq import AWQConfig
+from qjax.methods.weights.bcq import BCQConfig
 from qjax.methods.weights.gptq import GPTQConfig
 from qjax.methods.weights.llm_int8 import LLMInt8Config
 from qjax.methods.weights.rtn import RTNConfig
 from qjax.methods.weights.spqr import SpQRConfig
 from qjax.methods.weights.zeroquant import ZeroQuantConfig
 
-__all__ = ["AWQConfig", "ActQuantConfig", "GPTQConfig", "KIVIConfig", "KVQuantConfig", "LLMInt8Config",
+__all__ = ["AWQConfig", "ActQuantConfig", "BCQConfig", "GPTQConfig", "KIVIConfig", "KVQuantConfig", "LLMInt8Config",
            "OutlierConfig", "RTNConfig", "SmoothQuantConfig", "SpQRConfig", "ZeroQuantConfig", "kv_method_for",
            "kv_methods", "method_for", "methods", "register_kv_method", "register_method"]

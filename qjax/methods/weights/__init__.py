@@ -3,4 +3,4 @@
 ``quantize(params, rules, *, model, calibration, progress) -> (params, report)``."""
 from __future__ import annotations
 
-from qjax.methods.weights import awq, gptq, llm_int8, rtn, spqr, zeroquant  # noqa: F401  (registration)
+from qjax.methods.weights import awq, bcq, gptq, llm_int8, rtn, spqr, zeroquant  # noqa: F401  (registration)
