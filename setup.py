@@ -28,7 +28,7 @@ def _extensions():
   return [Extension(f"qjax.kernels.{op}._cpu_kernel", sources=[f"qjax/kernels/{op}/cpu_kernel.cc"],
                     depends=["qjax/kernels/native.h"], include_dirs=[inc], language="c++",
                     extra_compile_args=["-O3", "-std=c++17", "-g0"], optional=True)
-          for op in ("qmatmul", "kivi_attention")]
+          for op in ("qmatmul", "kivi_attention", "lut_gemm")]
 
 
 setup(ext_modules=_extensions())

@@ -64,6 +64,10 @@ class Op:
         return table[t]
     return None
 
+  def platforms(self) -> dict[str, tuple[str, ...]]:
+    """``{implementation name: the platforms it runs on}`` of the registered implementations."""
+    return {n: plats for n, (plats, _) in self._impls.items()}
+
   def implementations(self) -> tuple[str, ...]:
     """``"xla"`` and the names registered with this op."""
     return ("xla", *self._impls)

@@ -221,3 +221,76 @@ class KIVIAttentionBase:
     want = numpy_kivi_attention(*ops, scale)
     tol = 2e-2 if case["dtype"] == "bfloat16" else 2e-5
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+# every (bits, group, offset) once, the shapes (partial last groups; in-features 172 not a multiple of 8 or 32),
+# permutation and activation dtype rotating through them
+LUT_GEMM_GRID = [dict(n_in=n_in, n_out=n_out, m=m, bits=bits, group_size=g, offset=offset, perm=i % 3 == 2,
+                      dtype="bfloat16" if i % 4 == 3 else "float32")
+                 for i, (bits, g, offset) in enumerate(itertools.product([1, 2, 3, 4], [-1, 32, 64, 128],
+                                                                         [False, True]))
+                 for n_in, n_out, m in [_SHAPES[(i + i // 4) % 4]]]
+
+
+def grid_bcq(case: dict, rng: np.random.Generator):
+  """The case's random ``(x [m, in], BCQArray)``: a greedy BCQ of a normal matrix with float16 alphas (and
+  offsets), with ``perm`` a random column permutation."""
+  from qjax.methods.weights import bcq
+  w = jnp.asarray(rng.normal(size=(case["n_out"], case["n_in"])), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(case["m"], case["n_in"])), case["dtype"])
+  q = bcq.quantize_weight(w, bits=case["bits"], group_size=case["group_size"], rounds=0, offset=case["offset"])
+  if case["perm"]:
+    q = dataclasses.replace(q, perm=jnp.asarray(rng.permutation(case["n_in"]), jnp.int32))
+  return x, q
+
+
+def numpy_lut_gemm(x: np.ndarray, q) -> np.ndarray:
+  """``x @ W^T`` with ``W = sum_i alpha_i b_i + offset`` rebuilt in NumPy (float64) from the bit planes."""
+  n_out, n = q.shape
+  words = np.asarray(q.planes).astype(np.uint64)                           # [q, out, W]
+  bits01 = (words[..., None] >> np.arange(32, dtype=np.uint64)) & 1          # [q, out, W, 32]
+  b = bits01.reshape(q.bits, n_out, -1)[..., :n].astype(np.float64) * 2 - 1  # [q, out, in]
+  g = n if q.group_size == -1 else q.group_size
+  cols = np.arange(n) // g
+  alpha = np.asarray(q.alpha, np.float64)[:, cols, :]                       # [out, in, q]
+  w = np.einsum("qok,okq->ok", b, alpha)
+  if q.offset is not None:
+    w = w + np.asarray(q.offset, np.float64)[:, cols]
+  if q.perm is not None:
+    w = w[:, np.argsort(np.asarray(q.perm))]
+  return np.asarray(x, np.float64) @ w.T
+
+
+class LUTGemmBase:
+  """``lut_gemm`` over BCQArrays (:data:`LUT_GEMM_GRID`): the implementation named ``implementation`` (no
+  fallback; a case it refuses must be listed by :meth:`unsupported`) against a NumPy float64 spec."""
+  implementation = "xla"
+
+  def unsupported(self, case: dict) -> str | None:
+    return None
+
+  def call(self, x, q):
+    from qjax.kernels.lut_gemm import lut_gemm
+    return jax.jit(lambda x, q: lut_gemm(x, q, implementation=self.implementation, fallback=False))(x, q)
+
+  @pytest.mark.parametrize("case", LUT_GEMM_GRID, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+  def test_equals_numpy_spec(self, case):
+    rng = np.random.default_rng(zlib.crc32(repr(sorted(case.items())).encode()))
+    x, q = grid_bcq(case, rng)
+    if (reason := self.unsupported(case)) is not None:
+      with pytest.raises(NotImplementedError):
+        self.call(x, q)
+      pytest.skip(reason)
+    got = self.call(x, q)
+    assert got.dtype == x.dtype and got.shape == (case["m"], case["n_out"])
+    want = numpy_lut_gemm(np.asarray(x.astype(jnp.float32)), q)
+    tol = 2e-2 if case["dtype"] == "bfloat16" else 2e-5
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=tol, atol=tol * np.abs(want).max())
+
+  def test_corrupted_alpha_shows(self):
+    """A test that can fail: scaling one group's alphas changes exactly that output row."""
+    case = LUT_GEMM_GRID[10]
+    x, q = grid_bcq(case, np.random.default_rng(1))
+    bad = dataclasses.replace(q, alpha=q.alpha.at[3, 0].multiply(2))
+    a, b = np.asarray(self.call(x, q), np.float32), np.asarray(self.call(x, bad), np.float32)
+    assert not np.allclose(a[:, 3], b[:, 3]) and np.array_equal(np.delete(a, 3, 1), np.delete(b, 3, 1))
