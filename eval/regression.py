@@ -15,6 +15,9 @@ Suites (``--suite``):
             first 40 windows; calibration 128 windows of 2048 tokens of the WikiText-2 validation text (seed 0).
             Its weights already lie on a Q4_1 grid (4-bit asymmetric groups of 32), so W4 g32 is no benchmark
             point: groups of 64 and 128 and per channel are.
+  stories-bcq, smollm2-bcq   LUT-GEMM's BCQ (greedy, refined, alternating 5 / 30 rounds) at W4 and W3 beside RTN
+            and GPTQ at the same bits and groups (stories260K: per channel and g32; SmolLM2: per channel, g64, g128;
+            WikiText-2 only), same protocols.
 """
 from __future__ import annotations
 
@@ -86,6 +89,22 @@ def _smollm2() -> dict:
   return out
 
 
+def _bcq(groups: dict, calib: list) -> dict:
+  """LUT-GEMM's BCQ (greedy, refined greedy, alternating 5 and 30 rounds) at W4 and W3 for each group size,
+  beside RTN and GPTQ (act-order, static groups) at the same bits and groups (issue 13's results)."""
+  searches = {"greedy": ["--bcq-rounds", "0"], "refined": ["--bcq-search", "refined"],
+              "alt5": ["--bcq-rounds", "5"], "alt30": ["--bcq-rounds", "30"]}
+  out = {}
+  for b in (4, 3):
+    for gname, g in groups.items():
+      grid = ["--wbits", str(b), "--groupsize", str(g)]
+      for sname, flags in searches.items():
+        out[f"bcq_w{b}_{gname}_{sname}"] = (["--method", "bcq", *grid, *flags], None)
+      out[f"rtn_w{b}_{gname}"] = (["--method", "rtn", *grid], None)
+      out[f"gptq_w{b}_{gname}"] = (["--method", "gptq", *grid, *calib], None)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Suite:
   common: list            # flags of every run
@@ -105,6 +124,17 @@ SUITES = {
                      "first 40 windows; calibration 128 x 2048 tokens of the WikiText-2 validation text, seed 0",
                      ("--ppl-datasets", "wikitext2", "--seqlen", "2048", "--eval-nsamples", "40"),
                      ("--ppl-datasets", "tinystories", "--seqlen", "512", "--eval-nsamples", "40")),
+    "stories-bcq": Suite(["--seqlen", "256", "--no-progress"], {"fp32": ([], 6.121), **_bcq({"pc": -1, "g32": 32},
+                                                                                            CALIB)},
+                         "tinystories", "stories260K, TinyStories eval, seqlen 256, all windows; GPTQ calibration "
+                         "128 x 256 tokens of the TinyStories calib text, seed 0"),
+    "smollm2-bcq": Suite(["--model", "smollm2-135m", "--no-progress"],
+                         {"fp32": ([], None), **_bcq({"pc": -1, "g64": 64, "g128": 128},
+                                                     ["--calib-dataset", "wikitext2", "--nsamples", "128",
+                                                      "--calib-seqlen", "2048"])},
+                         "wikitext2", "SmolLM2-135M-Instruct (GGUF), WikiText-2 seqlen 2048 first 40 windows; GPTQ "
+                         "calibration 128 x 2048 tokens of the WikiText-2 validation text, seed 0",
+                         ("--ppl-datasets", "wikitext2", "--seqlen", "2048", "--eval-nsamples", "40")),
 }
 RECIPES = STORIES  # the default suite
 

@@ -3,7 +3,6 @@ and a BCQ model's linears routed through it by ``qmatmul``."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from kernel_base import LUT_GEMM_GRID, LUTGemmBase, grid_bcq, numpy_lut_gemm

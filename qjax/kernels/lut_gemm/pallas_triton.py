@@ -15,8 +15,9 @@ sums ``T[c, p]`` in shared memory and turns each byte of a bit plane into one lo
 (jax 0.10.2) cannot express that: a data-dependent gather from a register tensor has no lowering (``gather``:
 "Unimplemented primitive in Pallas Triton lowering"), and the Triton backend offers no scratch (shared) memory to
 hold the table. The only gather it lowers is a pointer load from a kernel operand, which would need the tables
-materialized in HBM by a separate op (``128 M K`` bytes per call, a quarter of a 1-bit weight) and one divergent
-cached load per byte and bit plane. So the kernel computes the same sums by expanding the bit planes in registers:
+materialized in HBM by a separate op (``128 M K`` bytes per call: at ``M = 1`` a quarter of a 1-bit weight with
+``N = 4096``) and one divergent cached load per byte and bit plane; not done here. So the kernel computes the same
+sums by expanding the bit planes in registers:
 ``sum_i alpha[n, g, i] * sum_{k in g} b_i[n, k] x[m, k] + offset[n, g] * sum_{k in g} x[m, k]`` equals
 ``x . w`` with the tile ``w[n, k] = sum_i alpha[n, g(k), i] b_i[n, k] + offset[n, g(k)]`` built in float32
 registers (``b_i = +-1``: one shift, mask and select per bit) and consumed at once by a multiply-reduce or a dot.
@@ -49,6 +50,7 @@ from jax.experimental.pallas import triton as plt
 
 from qjax.core.formats.bcq import BCQArray
 from qjax.kernels.lut_gemm import OP
+from qjax.kernels.qmatmul.xla import suffix
 
 __all__ = ["Tiling", "choose_tiling", "lut_gemm_pallas"]
 
@@ -87,16 +89,16 @@ def choose_tiling(m: int, n_out: int, n_in: int) -> Tiling:
   * GEMM, ``m > 16``: tensor-core tiles 64x64 (m <= 64) or 128x128 with bk 64 and 3 pipeline stages.
   ``bk`` never exceeds ``K`` rounded up to a power of two (>= 32), ``bn`` never ``N`` rounded up (>= 16).
   """
+  k_block = lambda cap: max(_WORD, min(cap, _pow2_ceil(n_in)))
   if m <= 4:
     bm = _pow2_ceil(m)
-    bk = max(_WORD, min({1: 256, 2: 256, 4: 128}[bm], _pow2_ceil(n_in)))
+    bk = k_block(256 if bm <= 2 else 128)
     bn, reduce, warps, stages = min(64, 8192 // (bm * bk)), True, 4, 2
   elif m <= 16:
-    bm, bn, bk, reduce, warps, stages = 16, 64, 128, False, 4, 3
+    bm, bn, bk, reduce, warps, stages = 16, 64, k_block(128), False, 4, 3
   else:
     bm, bn = (64, 64) if m <= 64 else (128, 128)
-    bk, reduce, warps, stages = 64, False, 4 if bm == 64 else 8, 3
-  bk = max(_WORD, min(bk, _pow2_ceil(n_in)))
+    bk, reduce, warps, stages = k_block(64), False, 4 if bm == 64 else 8, 3
   bn = max(16, min(bn, _pow2_ceil(n_out)))
   return Tiling(bm=bm, bn=bn, bk=bk, reduce=reduce, num_warps=warps, num_stages=stages)
 
@@ -240,5 +242,4 @@ def lut_gemm_bcq(x, w, act=None):
   return lut_gemm_pallas(x, w, act)
 
 
-lut_gemm_bcq.path = lambda w, act: (None if _refusal(w) else "pallas_triton kernel (binary-coded GEMV on packed bit "
-                                    "planes)" + ("" if act is None else " on fake-quantized activations"))
+lut_gemm_bcq.path = lambda w, act: None if _refusal(w) else "pallas_triton kernel (binary-coded GEMV)" + suffix(act)

@@ -216,7 +216,8 @@ def _kernel(x_ref, c_ref, s_ref, *refs, st: _Static):
     w = _weight_tile(c_ref, s_ref, z_ref, kb, col_ok, st)
     if t.reduce:
       return acc + jnp.sum(x.astype(jnp.float32)[:, None, :] * w[None, :, :], axis=2)
-    return acc + jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+    prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None   # float32 dots default to TF32
+    return acc + jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())), precision=prec,
                                      preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, pl.cdiv(st.n_in, t.bk), step, jnp.zeros((t.bm, t.bn), jnp.float32))
