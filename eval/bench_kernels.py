@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.kernels import kv_attention
-from qjax.kernels import lut_gemm
+from qjax.kernels import kv_attention, lut_gemm
 from qjax.kernels.qmatmul import cpu, dense_matmul, qmatmul
 from qjax.methods.weights import bcq, rtn
 from qjax.models.layers import causal_mask

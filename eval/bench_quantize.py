@@ -60,9 +60,6 @@ CONFIGS = {"w4": dict(group_size=-1, act_order=False), "w4g128": dict(group_size
            "w4g128_act": dict(group_size=128, act_order=True)}
 NSAMPLES, SEQLEN = 128, 256
 ERR_ROWS = 512
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
-
 
 def log(*a):
   print(*a, file=sys.stderr, flush=True)
@@ -119,11 +116,9 @@ def bench_linear(sizes, repeats):
   import torch
   from torch_gptq import gptq as torch_gptq
 
+  from qjax.core import timing
   from qjax.methods.weights import gptq as qgptq
 
-  compile_s = [0.0]
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, secs, **_: compile_s.__setitem__(0, compile_s[0] + secs) if event in COMPILE_EVENTS else None)
   results, problems = {}, {}
   for out, inp in sizes:
     name = f"{out}x{inp}"
@@ -133,12 +128,13 @@ def bench_linear(sizes, repeats):
     problems[name] = (w, xs, wj, hj, torch.from_numpy(w), torch.from_numpy(h))
     log(f"[{name}] problem built in {time.perf_counter() - t0:.1f}s")
     for cname, cfg in CONFIGS.items():  # cold call: tracing + compilation + one run
-      compile_s[0], t0 = 0.0, time.perf_counter()
-      jax.block_until_ready(qgptq.quantize_weight(wj, hj, bits=4, block_size=128, **cfg).qarray)
+      t0 = time.perf_counter()
+      with timing.compile_time() as compiled:
+        jax.block_until_ready(qgptq.quantize_weight(wj, hj, bits=4, block_size=128, **cfg).qarray)
       results.setdefault(name, {})[cname] = {"qjax_first_call_s": round(time.perf_counter() - t0, 3),
-                                             "qjax_compile_s": round(compile_s[0], 3),
+                                             "qjax_compile_s": round(compiled.seconds, 3),
                                              "qjax_rounds_s": [], "torch_rounds_s": []}
-      log(f"[{name} {cname}] qjax first call {time.perf_counter() - t0:.2f}s (compilation {compile_s[0]:.2f}s)")
+      log(f"[{name} {cname}] qjax first call {time.perf_counter() - t0:.2f}s (compilation {compiled.seconds:.2f}s)")
 
   for rnd in range(repeats):
     for name, (w, xs, wj, hj, wt, ht) in problems.items():

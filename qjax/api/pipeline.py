@@ -10,7 +10,7 @@ import jax
 
 from qjax.api.recipe import Recipe, Rule
 from qjax.api.rules import match_rules
-from qjax.core import tree
+from qjax.core import timing, tree
 from qjax.core.errors import InputError
 from qjax.core.formats import int8
 from qjax.methods import registry
@@ -47,6 +47,7 @@ class Quantized:
   reports: dict                     # {"smoothquant" | method name: CalibrationReport or None}
   kv: KVCacheSetup | None            # the cache of recipe.kv (None: dense)
   seconds: float                    # transforms, calibration data excluded
+  compile_seconds: float = 0.0      # of which: tracing, lowering and XLA compilation
 
 
 def quantize_model(model: CausalLM, params, recipe: Recipe, *, calibration=None, kv_calibration=None,
@@ -61,6 +62,20 @@ def quantize_model(model: CausalLM, params, recipe: Recipe, *, calibration=None,
   if recipe.needs_calibration and calibration is None:
     raise InputError("this recipe calibrates (SmoothQuant or a calibrated weight method): pass calibration=")
   t0 = time.perf_counter()
+  with timing.compile_time() as compiled:
+    float_params, qparams, reports, matched, kv = _apply(model, params, recipe, calibration, kv_calibration,
+                                                         progress, seed)
+  seconds = time.perf_counter() - t0
+  act = recipe.activations or ActQuantConfig()
+  hooks = act.hooks() if kv is None else dataclasses.replace(act.hooks(), kv_past=kv.past_hook)
+  flat = tree.flatten(qparams)
+  rules = tuple(_rule_report(flat, r, [p for p, m in matched.items() if m is r]) for r in recipe.weights)
+  return Quantized(model.with_hooks(hooks), qparams, recipe, model, float_params, rules, reports, kv, seconds,
+                   compiled.seconds)
+
+
+def _apply(model, params, recipe: Recipe, calibration, kv_calibration, progress: bool, seed: int):
+  """The transforms of :func:`quantize_model`: ``(float_params, qparams, reports, matched rules, kv setup)``."""
   float_params = plant_outliers(model, params, recipe.outliers) if recipe.outliers else params
   qparams, reports = float_params, {}
   if recipe.smoothquant is not None:
@@ -81,12 +96,7 @@ def quantize_model(model: CausalLM, params, recipe: Recipe, *, calibration=None,
     qparams = int8.to_int8(qparams)
   jax.block_until_ready(qparams)
   kv = _kv_setup(model, float_params, recipe.kv, kv_calibration, progress, seed)
-  seconds = time.perf_counter() - t0
-  act = recipe.activations or ActQuantConfig()
-  hooks = act.hooks() if kv is None else dataclasses.replace(act.hooks(), kv_past=kv.past_hook)
-  flat = tree.flatten(qparams)
-  rules = tuple(_rule_report(flat, r, [p for p, m in matched.items() if m is r]) for r in recipe.weights)
-  return Quantized(model.with_hooks(hooks), qparams, recipe, model, float_params, rules, reports, kv, seconds)
+  return float_params, qparams, reports, matched, kv
 
 
 def _rule_report(flat: dict, rule: Rule, paths) -> RuleReport:

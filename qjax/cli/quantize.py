@@ -145,6 +145,7 @@ def run(argv=None) -> int:
                "fp16_bytes": rep.fp16_bytes, "compression_ratio": rep.compression,
                "quantized_weights": rep.quantized_weights, "total_weights": rep.total_weights},
       "timing": {"quantize_seconds": None if q.loaded else q.seconds,
+                 "compile_seconds": None if q.loaded else q.compile_seconds,
                  "eval_tokens_per_second": sum(tps.values()) / len(tps) if tps else None,
                  "eval_tokens_per_second_by_dataset": tps},
       "config": {**{k: v for k, v in vars(args).items() if k != "no_progress"}, "seqlen": seqlen,
@@ -246,7 +247,8 @@ def _print_summary(out, results, baseline, method, linears):
          ["SpQR outliers", f"{s['spqr']['outliers']:,}"]] if "spqr" in s else []),
       ["compression vs fp16", f"{s['compression_ratio']:.2f}x"],
       ["quantize time", f"- (loaded {out['config']['loaded']}, quantized before this run)"
-       if out["config"]["loaded"] else f"{t['quantize_seconds']:.2f} s"],
+       if out["config"]["loaded"] else f"{t['quantize_seconds']:.2f} s (of which compiling "
+                                        f"{t['compile_seconds']:.2f} s)"],
   ]))
 
 

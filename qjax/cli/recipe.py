@@ -86,6 +86,7 @@ class Run:
   float_params = property(lambda self: self.q.float_params)
   kv = property(lambda self: self.q.kv)
   seconds = property(lambda self: self.q.seconds)
+  compile_seconds = property(lambda self: self.q.compile_seconds)
   recipe = property(lambda self: self.q.recipe)
   report = property(lambda self: next((r for k, r in self.q.reports.items() if k != "smoothquant"), None))
   smooth_report = property(lambda self: self.q.reports.get("smoothquant"))

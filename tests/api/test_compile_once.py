@@ -36,3 +36,17 @@ def test_second_evaluation_compiles_nothing(llama_dir):
   other = model.with_hooks(ActQuantConfig(bits=6).hooks())
   perplexity.perplexity(other, q, tokens, 32, progress=False)
   assert len(_COMPILES) > before
+
+
+def test_compile_time_counts_compilation_only():
+  """``core.timing.compile_time`` sees a first jit call compile and a second, cached one not."""
+  import jax.numpy as jnp
+
+  from qjax.core import timing
+  f = jax.jit(lambda x: jnp.sin(x) * 3 + 1)
+  x = jnp.arange(7.0)
+  with timing.compile_time() as first:
+    jax.block_until_ready(f(x))
+  with timing.compile_time() as second:
+    jax.block_until_ready(f(x))
+  assert first.seconds > 0 and second.seconds == 0

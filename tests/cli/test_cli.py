@@ -374,6 +374,8 @@ def test_rtn_w4g32_with_baseline_and_json(runs):
   assert 4.5 < size["bits_per_weight"] < 5.2
   assert 0 < size["quantized_bytes"] < size["fp16_bytes"]
   assert out["timing"]["quantize_seconds"] >= 0 and out["timing"]["eval_tokens_per_second"] > 0
+  assert 0 < out["timing"]["compile_seconds"] <= out["timing"]["quantize_seconds"]  # a fresh process compiles
+  assert "(of which compiling" in proc.stdout
   cfg = out["config"]
   assert cfg["seqlen"] == 64 and cfg["eval_nsamples"] == 2
   assert cfg["method"]["name"] == "rtn"

@@ -41,13 +41,11 @@ def path_name(w: BCQArray, act=None, implementation: str = "auto") -> str:
   return OP.path_name(None, w, act, implementation=implementation, path_args=(w, act))
 
 
+# A linear whose weight is a BCQArray calls ``qmatmul``: it runs this op, with the implementation asked for.
+from qjax.kernels import qmatmul as _qmatmul  # noqa: E402
 # the implementations register with OP, so they are imported after it exists
 from qjax.kernels.lut_gemm import cpu  # noqa: E402,F401  (registers the implementation)
 from qjax.kernels.lut_gemm import pallas_triton  # noqa: E402,F401  (registers the implementation)
-
-
-# A linear whose weight is a BCQArray calls ``qmatmul``: it runs this op, with the implementation asked for.
-from qjax.kernels import qmatmul as _qmatmul  # noqa: E402
 
 
 def _forward(name: str):

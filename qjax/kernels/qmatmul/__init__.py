@@ -22,11 +22,11 @@ OP.reference(object)(xla.dense)
 OP.reference(QuantizedTensor)(xla.emulated)
 OP.reference(Int8Array)(xla.int8)
 OP.reference(LLMInt8Array)(xla.llm_int8)
+from qjax.kernels import lut_gemm  # noqa: E402,F401  (BCQArray weights: qmatmul runs the LUT-GEMM op)
 # the implementations register with OP, so they are imported after it exists
 from qjax.kernels.qmatmul import cpu  # noqa: F401  (registers the implementation)
 from qjax.kernels.qmatmul import pallas_tpu  # noqa: F401  (registers the implementation)
 from qjax.kernels.qmatmul import pallas_triton  # noqa: F401  (registers the implementation)
-from qjax.kernels import lut_gemm  # noqa: E402,F401  (BCQArray weights: qmatmul runs the LUT-GEMM op)
 
 
 def qmatmul(x: jax.Array, w, act=None, *, implementation: str = "auto", fallback: bool = True) -> jax.Array:
