@@ -1,4 +1,4 @@
-"""Native CPU ``lut_gemm`` for :class:`~qjax.core.formats.bcq.BCQArray` weights at decode sizes (``M <= 16`` rows),
+"""Native CPU ``lut_gemm`` for :class:`~qjax.core.formats.bcq.BCQArray` weights at decode sizes (``M <= 4`` rows),
 an XLA FFI custom call into ``cpu_kernel.cc``: LUT-GEMM's table lookups on the packed bit planes.
 
 Per call and row of ``x``, one 256-entry table of signed sums per 8 activations (``K / 8`` tables, ``K * 128``
@@ -6,13 +6,17 @@ bytes, cache-resident), then one byte-indexed lookup per 8 binaries per bit plan
 accumulated; the offset term is ``offset * sum(x)`` over the group. No weight is decompressed. The tables are
 float32 sums of the activations, so the result equals the spec up to float summation order.
 
-Shapes and dtypes: ``x [..., K]`` float32 / bfloat16 / float16 (leading dims flattened to ``M <= 16`` rows; bf16 /
+Shapes and dtypes: ``x [..., K]`` float32 / bfloat16 / float16 (leading dims flattened to ``M <= 4`` rows; bf16 /
 f16 converted to float32, the result cast back to ``x.dtype``; ``act`` runs first); the BCQArray ``[N, K]`` with
 ``planes [q, N, ceil(K / 32)]`` uint32, ``alpha [N, G, q]`` and ``offset [N, G]`` float16 / bfloat16 / float32 (read
 as stored), per channel or groups of a multiple of 8 columns (the last group may be partial; any ``K``); with
 ``perm`` the columns of ``x`` are permuted once per call. Result ``[..., N]`` in ``x.dtype``.
 
-Unsupported (``NotImplementedError``; the dispatcher then runs the spec): ``M > 16`` or ``M == 0``, group sizes
+The lookups cost the same for every row of ``x`` (one table per row), so the time grows linearly in ``M``: past 4
+rows decompress + matmul is faster (``eval/bench_kernels.py``: M = 16 on 4096 x 4096 W4 g64 took 237 ms here,
+the spec about 50 ms).
+
+Unsupported (``NotImplementedError``; the dispatcher then runs the spec): ``M > 4`` or ``M == 0``, group sizes
 that are not a multiple of 8 (a group must be whole table bytes), other dtypes, a backend other than CPU, and every
 call when the extension is not built. Rows are split over XLA's intra-op thread pool and the calling thread.
 """
@@ -33,7 +37,7 @@ _cpu_kernel, IMPORT_ERROR = load_native("qjax.kernels.lut_gemm._cpu_kernel")
 
 __all__ = ["MAX_M", "available", "lut_gemm_cpu"]
 
-MAX_M = 16
+MAX_M = 4
 _TARGET = "qjax_lut_gemm_cpu"
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
