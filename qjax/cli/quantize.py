@@ -7,6 +7,7 @@ Example (the ``make demo`` run)::
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from qjax.cli import common as cli
 from qjax.cli import kv as kv_cli
 from qjax.cli import recipe
 from qjax.core.errors import InputError
-from qjax.evaluation import kernel_paths, perplexity, size
+from qjax.evaluation import kernel_paths, perplexity, size, tasks
 from qjax.io import assets, checkpoint, gguf_export, hf_gptq, quantized
 from qjax.io import text as data
 from qjax.methods.weights import gptq, spqr
@@ -37,6 +38,10 @@ def build_parser() -> cli.Parser:
   p.add_argument("--eval-nsamples", type=int, help="score only the first N windows")
   p.add_argument("--batch-size", type=int, help="windows per forward call (default: fits 256 MB of logits)")
   p.add_argument("--baseline", action="store_true", help="also evaluate the unquantized model")
+  p.add_argument("--tasks", help="comma-separated zero-shot tasks run through lm-eval (needs the extra 'eval'): "
+                                 + ", ".join(tasks.available()))
+  p.add_argument("--limit", type=int, help="score only the first N items of each task")
+  p.add_argument("--num-fewshot", type=int, help="few-shot examples per task item (default: the task's)")
   p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
   p.add_argument("--export-gptq", metavar="DIR",
                  help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn, gptq or awq")
@@ -70,14 +75,22 @@ def _texts(args) -> dict[str, Path]:
 def _validate(args, given):
   model_config = cli.model_config(args)
   recipe.validate(args, given, model_config)
-  cli.check_scopes(given, [(("ppl_datasets", "ppl_text", "seqlen", "eval_nsamples", "batch_size", "baseline"),
-                            args.eval == "ppl", "--eval ppl")])
+  cli.check_scopes(given, [(("ppl_datasets", "ppl_text", "seqlen", "eval_nsamples", "batch_size"),
+                            args.eval == "ppl", "--eval ppl"),
+                           (("baseline",), args.eval == "ppl" or bool(args.tasks), "--eval ppl or --tasks")])
   if args.seqlen is not None and args.seqlen < 2:
     raise InputError(f"--seqlen must be at least 2, got {args.seqlen}")
   if args.eval_nsamples is not None and args.eval_nsamples < 1:
     raise InputError(f"--eval-nsamples must be positive, got {args.eval_nsamples}")
   if args.batch_size is not None and args.batch_size < 1:
     raise InputError(f"--batch-size must be positive, got {args.batch_size}")
+  cli.check_scopes(given, [(("limit", "num_fewshot"), bool(args.tasks), "--tasks")])
+  if args.tasks:
+    tasks.check(args.tasks.split(","))
+    if args.limit is not None and args.limit < 1:
+      raise InputError(f"--limit must be positive, got {args.limit}")
+    if importlib.util.find_spec("lm_eval") is None:
+      raise InputError("--tasks needs lm-eval: pip install 'qjax[eval]'")
   if args.baseline and args.load:
     raise InputError("--baseline needs the unquantized model: use --model, not --load")
   if not args.load and args.method != "none" and hf_gptq.is_gptq_checkpoint(cli.model_dir(args)):
@@ -124,8 +137,17 @@ def run(argv=None) -> int:
     return {n: perplexity.perplexity(m, p, t, seqlen, args.eval_nsamples, args.batch_size,
                                      not args.no_progress, f"ppl {n} ({tag})") for n, t in tokens.items()}
 
+  def run_tasks(m, p):
+    from qjax.evaluation import harness
+    lm = harness.LM(m, p, tok, progress=not args.no_progress)
+    res = tasks.evaluate(lm, args.tasks.split(","), limit=args.limit, num_fewshot=args.num_fewshot)
+    res.pop("raw")
+    return res
+
   results = evaluate(q.model, qparams, "quantized" if q.quantized else "fp")
   baseline = evaluate(model, q.float_params, "fp") if args.baseline else {}
+  task_results = run_tasks(q.model, qparams) if args.tasks else {}
+  task_baseline = run_tasks(model, q.float_params) if args.tasks and args.baseline else {}
   if args.save:
     quantized.save(q.q, args.save, source_dir=source_dir, overwrite=args.overwrite, method=method)
   if args.save_recipe:
@@ -155,6 +177,10 @@ def run(argv=None) -> int:
   }
   if args.baseline:
     out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
+  if task_results:
+    out["tasks"] = task_results
+    if task_baseline:
+      out["tasks_baseline"] = task_baseline
   if "spqr" in q.q.reports:
     out["size"]["spqr"] = dataclasses.asdict(spqr.bits_summary(qparams))
   if q.q.rules:
@@ -221,6 +247,13 @@ def _print_summary(out, results, baseline, method, linears):
   if rows:
     label = "ppl" if method == "none" else f"{method} ppl"
     print(cli.format_table(["dataset", "seqlen", "windows", "fp ppl", label, "delta", "eval tok/s"], rows))
+    print()
+  if "tasks" in out:
+    fp = out.get("tasks_baseline", {})
+    cell = lambda r, k: f"{r[k]:.4f} +- {r[k + '_stderr']:.4f}" if k in r else "-"
+    print(cli.format_table(["task", "metric", "fp", method if method != "none" else "model"], [
+        [t, k, cell(fp[t], k) if t in fp else "-", cell(r, k)]
+        for t, r in out["tasks"].items() for k in ("acc", "acc_norm") if k in r]))
     print()
   s, t = out["size"], out["timing"]
   if len(out.get("rules", ())) > 1:

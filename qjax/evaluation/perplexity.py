@@ -38,8 +38,9 @@ def logits_chunk(vocab: int) -> int:
   return 1 << max(4, (LOGIT_CHUNK_ELEMENTS // vocab).bit_length() - 1)
 
 
-def token_nll(model, params, ids):
-  """``-log p(ids[:, i + 1] | ids[:, :i + 1])`` for ``i < T - 1``: float32 ``[b, T - 1]`` for ``ids [b, T]``.
+def token_scores(model, params, ids):
+  """``(nll, greedy)`` of each next token: ``nll = -log p(ids[:, i + 1] | ids[:, :i + 1])`` float32 and ``greedy``
+  (the argmax of that distribution is ``ids[:, i + 1]``) bool, both ``[b, T - 1]`` for ``ids [b, T]``.
 
   The logits are computed :func:`logits_chunk` positions at a time inside a ``lax.map`` (``logsumexp(z) -
   z[target]``), so a large vocabulary never holds ``[b, T, vocab]`` float32 logits (400 MB for one 2048-token
@@ -54,9 +55,17 @@ def token_nll(model, params, ids):
   def chunk(args):
     xc, tc = args
     z = model.head(params, xc)
-    return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0]
+    target = jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(z, axis=-1) - target, jnp.argmax(z, axis=-1) == tc
 
-  return jax.lax.map(chunk, (x, tgt)).swapaxes(0, 1).reshape(b, n * c)[:, :t1]
+  nll, greedy = jax.lax.map(chunk, (x, tgt))
+  unchunk = lambda a: a.swapaxes(0, 1).reshape(b, n * c)[:, :t1]
+  return unchunk(nll), unchunk(greedy)
+
+
+def token_nll(model, params, ids):
+  """The ``nll`` of :func:`token_scores`: float32 ``[b, T - 1]`` for ``ids [b, T]``."""
+  return token_scores(model, params, ids)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -1,0 +1,101 @@
+"""The lm-eval adapter (``qjax.evaluation.harness.LM``) against lm-eval's own ``hf`` model (transformers + torch,
+the same stories260K weights in fp32): per-request log-likelihoods and greedy flags, rolling log-likelihoods,
+task accuracies on the offline tasks, and greedy ``generate_until``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from qjax.core.errors import InputError  # noqa: E402
+from qjax.evaluation import harness, tasks  # noqa: E402
+from qjax.io.hf import load_model  # noqa: E402
+from qjax.io.text import load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def both(stories_dir):
+  model, params = load_model(stories_dir)
+  ours = harness.LM(model, params, load_tokenizer(stories_dir), batch_size=4, progress=False)
+  theirs = HFLM(pretrained=str(stories_dir), device="cpu", dtype="float32", batch_size=4)
+  return ours, theirs
+
+
+def _requests(kind, args):
+  return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihood_equals_the_hf_model(both):
+  ours, theirs = both
+  docs = tasks.TASKS["piqa"][0]()[:12]
+  args = [(f"Question: {d['goal']}\nAnswer:", " " + d[s]) for d in docs for s in ("sol1", "sol2")]
+  args += [("", "Once upon a time"), ("Once upon a time there was a", " girl"), ("Lily ", "went home.")]
+  a, b = ours.loglikelihood(_requests("loglikelihood", args)), theirs.loglikelihood(_requests("loglikelihood", args))
+  np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], rtol=0, atol=1e-4)
+  assert [g for _, g in a] == [g for _, g in b]
+  assert any(g for _, g in a) and len({round(x, 3) for x, _ in a}) > 10    # informative: not all equal/False
+
+
+def test_rolling_loglikelihood_and_generation_equal_the_hf_model(both):
+  ours, theirs = both
+  text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. " * 12
+  args = [(text,), ("The cat sat.",)]
+  a = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", args))
+  b = theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", args))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  gen = [("Once upon a time", {"until": ["."], "max_gen_toks": 24}), ("Lily and Ben", {"until": ["\n"],
+                                                                                         "max_gen_toks": 16})]
+  ga, gb = ours.generate_until(_requests("generate_until", gen)), theirs.generate_until(_requests("generate_until",
+                                                                                                 gen))
+  assert ga == gb and all(ga)
+
+
+def test_task_accuracies_equal_the_hf_model(both, tmp_path):
+  ours, theirs = both
+  names = ["piqa", "arc_easy", "hellaswag"]
+  a = tasks.evaluate(ours, names, limit=10, cache_dir=tmp_path)
+  b = tasks.evaluate(theirs, names, limit=10, cache_dir=tmp_path)
+  for n in names:
+    assert a[n]["acc"] == b[n]["acc"] and a[n]["acc_norm"] == b[n]["acc_norm"], n
+    assert 0 <= a[n]["acc"] <= 1 and a[n]["acc_stderr"] > 0
+
+
+def test_unknown_task_and_sampling_are_refused(both):
+  with pytest.raises(InputError, match="available: piqa"):
+    tasks.check(["piqa", "winogrande"])
+  with pytest.raises(InputError, match="greedily"):
+    both[0].generate_until(_requests("generate_until", [("x", {"do_sample": True})]))
+
+
+def test_converted_tasks_have_the_harness_fields():
+  piqa, arc, hs = tasks.TASKS["piqa"][0](), tasks.TASKS["arc_challenge"][0](), tasks.TASKS["hellaswag"][0]()
+  assert len(piqa) == 1838 and set(piqa[0]) == {"goal", "sol1", "sol2", "label"}
+  assert len(arc) == 1170 and all(d["answerKey"] in d["choices"]["label"] for d in arc)
+  assert len(hs) == 10042 and all(len(d["choices"]) == 4 and 0 <= d["label"] < 4 for d in hs)
+  assert hs[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+
+
+def test_cli_tasks_with_baseline_and_json(tmp_path):
+  """``--tasks`` through the command line: the fp and quantized accuracies side by side, in the JSON too; an
+  unknown task is a one-line error with exit status 2."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+         "QJAX_CACHE": str(tmp_path / "cache")}
+  repo = Path(__file__).resolve().parents[2]
+  run = lambda *a: subprocess.run([sys.executable, "-m", "qjax.quantize", *map(str, a)], cwd=repo, env=env,
+                                  capture_output=True, text=True, timeout=600)
+  p = run("--method", "rtn", "--wbits", "3", "--groupsize", "32", "--eval", "none", "--tasks", "piqa,arc_challenge",
+          "--limit", "6", "--baseline", "--no-progress", "--json", tmp_path / "t.json")
+  assert p.returncode == 0, p.stderr
+  out = json.loads((tmp_path / "t.json").read_text())
+  assert set(out["tasks"]) == set(out["tasks_baseline"]) == {"piqa", "arc_challenge"}
+  assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(out["tasks"]["piqa"])
+  assert "acc_norm" in p.stdout and "rtn W3" in p.stdout
+  bad = run("--tasks", "piqa,mmlu_pro", "--eval", "none")
+  assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "available: piqa" in bad.stderr
