@@ -71,7 +71,7 @@ def main(argv=None):
   theirs = HFLM(pretrained=torch_model, tokenizer=loaded.tokenizer, batch_size=args.batch_size, device="cpu")
   out = {"env": environment(model=args.model, limit=args.limit, batch_size=args.batch_size)}
 
-  docs = tasks.TASKS["piqa"][0]()
+  docs = tasks.TASKS["piqa"][0]()["test"]
   pairs = [(f"Question: {d['goal']}\nAnswer:", " " + d[s]) for d in docs for s in ("sol1", "sol2")][:args.direct]
   mine = ours.loglikelihood([Instance("loglikelihood", {}, a, i) for i, a in enumerate(pairs)])
   ref = direct_loglikelihood(torch_model, loaded.tokenizer, pairs)

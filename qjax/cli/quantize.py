@@ -250,10 +250,12 @@ def _print_summary(out, results, baseline, method, linears):
     print()
   if "tasks" in out:
     fp = out.get("tasks_baseline", {})
-    cell = lambda r, k: f"{r[k]:.4f} +- {r[k + '_stderr']:.4f}" if k in r else "-"
+    stderr = lambda k: k.replace(" (", "_stderr (") if " (" in k else k + "_stderr"
+    cell = lambda r, k: (f"{r[k]:.4f} +- {r[stderr(k)]:.4f}" if isinstance(r.get(stderr(k)), float)
+                         else f"{r[k]:.4f}") if k in r else "-"
     print(cli.format_table(["task", "metric", "fp", method if method != "none" else "model"], [
         [t, k, cell(fp[t], k) if t in fp else "-", cell(r, k)]
-        for t, r in out["tasks"].items() for k in ("acc", "acc_norm") if k in r]))
+        for t, r in out["tasks"].items() for k in r if "_stderr" not in k]))
     print()
   s, t = out["size"], out["timing"]
   if len(out.get("rules", ())) > 1:

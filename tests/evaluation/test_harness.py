@@ -30,7 +30,7 @@ def _requests(kind, args):
 
 def test_loglikelihood_equals_the_hf_model(both):
   ours, theirs = both
-  docs = tasks.TASKS["piqa"][0]()[:12]
+  docs = tasks.TASKS["piqa"][0]()["test"][:12]
   args = [(f"Question: {d['goal']}\nAnswer:", " " + d[s]) for d in docs for s in ("sol1", "sol2")]
   args += [("", "Once upon a time"), ("Once upon a time there was a", " girl"), ("Lily ", "went home.")]
   a, b = ours.loglikelihood(_requests("loglikelihood", args)), theirs.loglikelihood(_requests("loglikelihood", args))
@@ -70,12 +70,37 @@ def test_unknown_task_and_sampling_are_refused(both):
     both[0].generate_until(_requests("generate_until", [("x", {"do_sample": True})]))
 
 
-def test_converted_tasks_have_the_harness_fields():
-  piqa, arc, hs = tasks.TASKS["piqa"][0](), tasks.TASKS["arc_challenge"][0](), tasks.TASKS["hellaswag"][0]()
+def test_converted_tasks_have_the_harness_fields(tmp_path):
+  """Every converted split holds what the harness's own YAML reads; the written configs are the harness's with
+  the data source replaced (prompt, few-shot setup, filters and metrics unchanged)."""
+  import yaml
+  piqa, arc, hs = (tasks.TASKS[n][0]()["test"] for n in ("piqa", "arc_challenge", "hellaswag"))
   assert len(piqa) == 1838 and set(piqa[0]) == {"goal", "sol1", "sol2", "label"}
   assert len(arc) == 1170 and all(d["answerKey"] in d["choices"]["label"] for d in arc)
   assert len(hs) == 10042 and all(len(d["choices"]) == 4 and 0 <= d["label"] < 4 for d in hs)
   assert hs[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+  gsm = tasks.TASKS["gsm8k"][0]()["test"]
+  assert len(gsm) == 1319 and all("####" in d["answer"] for d in gsm)
+  assert len(tasks.mmlu_subjects()) == 57
+  folder = tasks.prepare(["mmlu", "gsm8k", "arc_challenge"], tmp_path)
+  rows = sum(len((folder / f"qjax_mmlu_{s}.test.jsonl").read_text().splitlines()) for s in tasks.mmlu_subjects())
+  assert rows == 14042
+  cfg = yaml.safe_load((folder / "qjax_mmlu_anatomy.yaml").read_text())
+  assert cfg["num_fewshot"] == 5 and cfg["fewshot_split"] == "dev" and cfg["doc_to_choice"] == ["A", "B", "C", "D"]
+  assert cfg["description"].startswith("The following are multiple choice questions (with answers) about anatomy")
+  g = yaml.safe_load((folder / "qjax_gsm8k.yaml").read_text())
+  assert g["num_fewshot"] == 8 and len(g["fewshot_config"]["samples"]) == 8 and g["output_type"] == "generate_until"
+  assert {f["name"] for f in g["filter_list"]} == {"strict-match", "flexible-extract"}
+  a = yaml.safe_load((folder / "qjax_arc_challenge.yaml").read_text())
+  assert a["doc_to_text"] == "Question: {{question}}\nAnswer:" and "dataset_name" not in a and a["test_split"] == "test"
+
+
+def test_mmlu_and_gsm8k_run(both, tmp_path):
+  """5-shot MMLU (the size-weighted group) and 8-shot chain-of-thought GSM8K (generation, both filters) on a few
+  items: stories260K scores them (at chance), through the same adapter."""
+  r = tasks.evaluate(both[0], ["mmlu", "gsm8k"], limit=1, cache_dir=tmp_path)
+  assert 0 <= r["mmlu"]["acc"] <= 1 and len([k for k in r["raw"]["results"] if k.startswith("qjax_mmlu_")]) == 57
+  assert {"exact_match (strict-match)", "exact_match (flexible-extract)"} <= set(r["gsm8k"])
 
 
 def test_cli_tasks_with_baseline_and_json(tmp_path):
