@@ -42,6 +42,12 @@ def build_parser() -> cli.Parser:
                                  + ", ".join(tasks.available()))
   p.add_argument("--limit", type=int, help="score only the first N items of each task")
   p.add_argument("--num-fewshot", type=int, help="few-shot examples per task item (default: the task's)")
+  p.add_argument("--analyze-stats", metavar="DIR",
+                 help="write per-linear input / weight statistics (CSV + PNG heatmaps) of the float model (outliers "
+                      "planted, if asked) on 8 windows of the calibration text")
+  p.add_argument("--layerwise-distance", metavar="DIR",
+                 help="write per-linear SQNR / MSE of the quantized model's inputs and outputs against the float "
+                      "model's (CSV + PNG) on one window of at most 512 tokens of the first evaluation text")
   p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
   p.add_argument("--export-gptq", metavar="DIR",
                  help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn, gptq or awq")
@@ -109,6 +115,9 @@ def _validate(args, given):
   cli.check_scopes(given, [(("gguf_dense_type",), bool(args.export_gguf), "--export-gguf FILE")])
   if args.json:
     checkpoint.check_destination(args.json, args.overwrite, "--json file")
+  for flag, dest in (("--analyze-stats", args.analyze_stats), ("--layerwise-distance", args.layerwise_distance)):
+    if dest:
+      checkpoint.check_destination(dest, args.overwrite, f"{flag} folder")
 
 
 def run(argv=None) -> int:
@@ -147,6 +156,7 @@ def run(argv=None) -> int:
   results = evaluate(q.model, qparams, "quantized" if q.quantized else "fp")
   baseline = evaluate(model, q.float_params, "fp") if args.baseline else {}
   task_results = run_tasks(q.model, qparams) if args.tasks else {}
+  analyzed = _analyze(args, q, tok, tokens, seqlen)
   task_baseline = run_tasks(model, q.float_params) if args.tasks and args.baseline else {}
   if args.save:
     quantized.save(q.q, args.save, source_dir=source_dir, overwrite=args.overwrite, method=method)
@@ -177,6 +187,8 @@ def run(argv=None) -> int:
   }
   if args.baseline:
     out["ppl_baseline"] = {n: r.ppl for n, r in baseline.items()}
+  if analyzed:
+    out["analysis"] = analyzed
   if task_results:
     out["tasks"] = task_results
     if task_baseline:
@@ -205,6 +217,31 @@ def run(argv=None) -> int:
   if args.json:
     cli.write_json(args.json, out)
   return 0
+
+
+def _analyze(args, q, tok, tokens: dict, seqlen: int) -> dict:
+  """``--analyze-stats`` and ``--layerwise-distance``: the files written, by tool."""
+  from qjax.calibration import calibration_windows
+  from qjax.evaluation import analysis
+  out = {}
+  if not (args.analyze_stats or args.layerwise_distance):
+    return out
+  calib = data.tokenize(tok, data.read_text(cli.calibration_text(args)))
+  width = min(512, q.float_model.config.max_position_embeddings)
+  if args.analyze_stats:
+    rows = analysis.linear_stats(calibration_windows(q.float_model, calib, 8, width, args.seed), q.float_params,
+                                 progress=not args.no_progress)
+    with checkpoint.atomic_dir(args.analyze_stats) as tmp:
+      files = analysis.write_stats(tmp, rows)
+    out["stats"] = {k: str(Path(args.analyze_stats) / Path(v).name) for k, v in files.items()}
+  if args.layerwise_distance:
+    first = next(iter(tokens.values()), calib)
+    window = first[:min(width, seqlen, len(first))][None].astype("int32")   # every linear's input and output held
+    rows = analysis.layerwise_distance(q.float_model, q.float_params, q.model, q.params, window)
+    with checkpoint.atomic_dir(args.layerwise_distance) as tmp:
+      files = analysis.write_distance(tmp, rows)
+    out["layerwise_distance"] = {k: str(Path(args.layerwise_distance) / Path(v).name) for k, v in files.items()}
+  return out
 
 
 def _export_gptq(args, recipe_, qparams, source_dir):
@@ -248,6 +285,8 @@ def _print_summary(out, results, baseline, method, linears):
     label = "ppl" if method == "none" else f"{method} ppl"
     print(cli.format_table(["dataset", "seqlen", "windows", "fp ppl", label, "delta", "eval tok/s"], rows))
     print()
+  for tool, files in out.get("analysis", {}).items():
+    print(f"{tool.replace('_', ' ')}: {', '.join(files.values())}")
   if "tasks" in out:
     fp = out.get("tasks_baseline", {})
     stderr = lambda k: k.replace(" (", "_stderr (") if " (" in k else k + "_stderr"

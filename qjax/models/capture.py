@@ -61,14 +61,18 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
 
   Statistics of each linear's input ``x`` over all windows and tokens, accumulated with a scan over the ``n``
   windows of ``x`` (no activation is stored): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
-  ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ).
+  ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ); ``max`` / ``min`` scalars and
+  ``moments`` ``[sum x, sum x^2, sum x^3, sum x^4]`` over every element (the analysis tools).
 
   Linears that read the same input (LLaMA's q/k/v and gate/up, OPT's q/k/v) share one accumulator: the
   statistics are computed once per distinct input and the same arrays returned for each such linear.
   """
   update = {"hessian": lambda acc, a: acc + a.T @ a,
             "absmax": lambda acc, a: jnp.maximum(acc, jnp.max(jnp.abs(a), axis=0)),
-            "absmean": lambda acc, a: acc + jnp.sum(jnp.abs(a), axis=0)}
+            "absmean": lambda acc, a: acc + jnp.sum(jnp.abs(a), axis=0),
+            "max": lambda acc, a: jnp.maximum(acc, jnp.max(a)),
+            "min": lambda acc, a: jnp.minimum(acc, jnp.min(a)),
+            "moments": lambda acc, a: acc + jnp.stack([jnp.sum(a**k) for k in (1, 2, 3, 4)])}
   source = shared_inputs(model, layer_params, x[0], names)
   distinct = tuple(dict.fromkeys(source.values()))
 
@@ -79,11 +83,13 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
 
   def zeros(n, kind):
     d = _in_features(layer_params, n)
-    return jnp.zeros((d, d) if kind == "hessian" else (d,), jnp.float32)
+    shape = {"hessian": (d, d), "max": (), "min": (), "moments": (4,)}.get(kind, (d,))
+    fill = {"max": -jnp.inf, "min": jnp.inf}.get(kind, 0.0)
+    return jnp.full(shape, fill, jnp.float32)
 
   acc, _ = jax.lax.scan(body, {n: {k: zeros(n, k) for k in kinds} for n in distinct}, x)
-  scale = {"hessian": 2.0 / x.shape[0], "absmax": 1.0, "absmean": 1.0 / (x.shape[0] * x.shape[1])}
-  stats = {n: {k: v * scale[k] for k, v in s.items()} for n, s in acc.items()}
+  scale = {"hessian": 2.0 / x.shape[0], "absmean": 1.0 / (x.shape[0] * x.shape[1])}
+  stats = {n: {k: v * scale.get(k, 1.0) for k, v in s.items()} for n, s in acc.items()}
   return {n: stats[source[n]] for n in names}
 
 
