@@ -15,9 +15,10 @@ decompressed.
 
 ``xla.py`` is the spec (decompress + dot); ``cpu.py`` the table-lookup kernel (native, XLA FFI);
 ``pallas_triton.py`` the GPU kernel, a binary-coded GEMV (bit planes expanded to +-alpha in registers, never in
-memory): Pallas Triton in jax 0.10 lowers no gather from registers and has no shared memory for the tables. No Mosaic TPU kernel: a table lookup is a data-dependent gather from VMEM,
-which Mosaic's vector units do not offer per lane (the TPU path for binary codes is to expand bit planes to
-+-1 tiles and use the MXU, which is what the spec's dot already does).
+memory): Pallas Triton in jax 0.10 lowers no gather from registers and has no shared memory for the tables. No
+Mosaic TPU kernel: a table lookup is a data-dependent gather from VMEM, which Mosaic's vector units do not offer
+per lane (the TPU path for binary codes is to expand bit planes to +-1 tiles and use the MXU, which is what the
+spec's dot already does).
 """
 from __future__ import annotations
 
