@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as plt
 
 from qjax.core.formats.bcq import BCQArray
 from qjax.kernels.lut_gemm import OP
+from qjax.kernels.qmatmul.pallas_triton import Tiling, is_pow2, pow2_ceil
 from qjax.kernels.qmatmul.xla import suffix
 
 __all__ = ["Tiling", "choose_tiling", "lut_gemm_pallas"]
@@ -57,26 +58,6 @@ __all__ = ["Tiling", "choose_tiling", "lut_gemm_pallas"]
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _MAX_BITS = 8       # bit planes unrolled in the kernel (the BCQ method stores 1..8)
 _WORD = 32          # columns per packed word
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-  """Block sizes of one call: ``bm`` rows of x, ``bn`` output features, ``bk`` input features per K step;
-  ``reduce``: elementwise multiply-reduce instead of a dot; Triton's ``num_warps`` / ``num_stages``."""
-  bm: int
-  bn: int
-  bk: int
-  reduce: bool
-  num_warps: int
-  num_stages: int
-
-
-def _pow2_ceil(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _is_pow2(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
 
 
 def choose_tiling(m: int, n_out: int, n_in: int) -> Tiling:
@@ -89,9 +70,9 @@ def choose_tiling(m: int, n_out: int, n_in: int) -> Tiling:
   * GEMM, ``m > 16``: tensor-core tiles 64x64 (m <= 64) or 128x128 with bk 64 and 3 pipeline stages.
   ``bk`` never exceeds ``K`` rounded up to a power of two (>= 32), ``bn`` never ``N`` rounded up (>= 16).
   """
-  k_block = lambda cap: max(_WORD, min(cap, _pow2_ceil(n_in)))
+  k_block = lambda cap: max(_WORD, min(cap, pow2_ceil(n_in)))
   if m <= 4:
-    bm = _pow2_ceil(m)
+    bm = pow2_ceil(m)
     bk = k_block(256 if bm <= 2 else 128)
     bn, reduce, warps, stages = min(64, 8192 // (bm * bk)), True, 4, 2
   elif m <= 16:
@@ -99,14 +80,14 @@ def choose_tiling(m: int, n_out: int, n_in: int) -> Tiling:
   else:
     bm, bn = (64, 64) if m <= 64 else (128, 128)
     bk, reduce, warps, stages = k_block(64), False, 4 if bm == 64 else 8, 3
-  bn = max(16, min(bn, _pow2_ceil(n_out)))
+  bn = max(16, min(bn, pow2_ceil(n_out)))
   return Tiling(bm=bm, bn=bn, bk=bk, reduce=reduce, num_warps=warps, num_stages=stages)
 
 
 def _check_tiling(t: Tiling):
   """An explicit tiling must have power-of-two blocks, ``bk >= 32`` (whole words) and 16-row and 16-column tiles
   for the dot."""
-  if not all(map(_is_pow2, (t.bm, t.bn, t.bk))) or t.bk < _WORD:
+  if not all(map(is_pow2, (t.bm, t.bn, t.bk))) or t.bk < _WORD:
     raise ValueError(f"pallas_triton lut_gemm: blocks must be powers of two with bk >= {_WORD}, got {t}")
   if not t.reduce and min(t.bm, t.bn) < 16:
     raise ValueError(f"pallas_triton lut_gemm: the dot needs bm, bn >= 16, got {t}")

@@ -56,24 +56,25 @@ class Tiling:
   num_stages: int
 
 
-def _pow2_ceil(n: int) -> int:
+def pow2_ceil(n: int) -> int:
+  """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
   return 1 << max(0, (n - 1).bit_length())
 
 
-def _is_pow2(n: int) -> bool:
+def is_pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
 def _aligned(bk: int, n_in: int, group_size: int) -> bool:
   """Whether K blocks of ``bk`` codes lie inside one group or hold whole power-of-two groups."""
   g = group_size
-  return g == -1 or g >= n_in or g % bk == 0 or (_is_pow2(g) and bk % g == 0)
+  return g == -1 or g >= n_in or g % bk == 0 or (is_pow2(g) and bk % g == 0)
 
 
 def _k_block(n_in: int, group_size: int, cap: int) -> int:
   """The K block (codes): a power of two in ``[32, cap]``, no larger than ``in`` needs, that lies inside one group
   (divides ``group_size``) or holds whole groups (a multiple of a power-of-two ``group_size``)."""
-  bk = max(_PACK, min(cap, _pow2_ceil(n_in)))
+  bk = max(_PACK, min(cap, pow2_ceil(n_in)))
   if _aligned(bk, n_in, group_size):
     return bk
   if group_size % _PACK == 0:
@@ -85,7 +86,7 @@ def _k_block(n_in: int, group_size: int, cap: int) -> int:
 def _check_tiling(t: Tiling, n_in: int, group_size: int):
   """An explicit tiling must have power-of-two blocks, ``bk >= 32`` aligned with the groups, and 16-row and
   16-column tiles for the dot."""
-  if not all(map(_is_pow2, (t.bm, t.bn, t.bk))) or t.bk < _PACK or not _aligned(t.bk, n_in, group_size):
+  if not all(map(is_pow2, (t.bm, t.bn, t.bk))) or t.bk < _PACK or not _aligned(t.bk, n_in, group_size):
     raise ValueError(f"pallas_triton qmatmul: tiling {t} does not fit group size {group_size} (in {n_in})")
   if not t.reduce and min(t.bm, t.bn) < 16:
     raise ValueError(f"pallas_triton qmatmul: the dot needs bm, bn >= 16, got {t}")
@@ -102,7 +103,7 @@ def choose_tiling(m: int, n_out: int, n_in: int, group_size: int) -> Tiling:
   ``bn`` never exceeds ``out`` rounded up to a power of two (>= 16, the dot's minimum).
   """
   if m <= 4:
-    bm = _pow2_ceil(m)
+    bm = pow2_ceil(m)
     bk = _k_block(n_in, group_size, {1: 256, 2: 128, 4: 64}[bm])
     bn, reduce, warps, stages = min(64, 8192 // (bm * bk)), True, 4, 2
   elif m <= 16:
@@ -112,7 +113,7 @@ def choose_tiling(m: int, n_out: int, n_in: int, group_size: int) -> Tiling:
     bm, bn = (64, 64) if m <= 64 else (128, 128)
     reduce, warps, stages = False, 4 if bm == 64 else 8, 3
     bk = _k_block(n_in, group_size, 64)
-  bn = max(16, min(bn, _pow2_ceil(n_out)))
+  bn = max(16, min(bn, pow2_ceil(n_out)))
   return Tiling(bm=bm, bn=bn, bk=bk, reduce=reduce, num_warps=warps, num_stages=stages)
 
 
