@@ -17,9 +17,13 @@ no systematic gain (output error ratio 1.004 on average over 16 synthetic g32 ca
 reference semantics are kept. With act-order and non-static groups the groups are contiguous in act-order and the
 QArray stores that column permutation.
 
-Compilation does not grow with the number of columns: a ``lax.fori_loop`` runs over the columns of a block and
-another over the blocks; the lazy trailing update of a block touches a static column range per segment (at most
-4 segments), relying on ``U`` being upper triangular so already-finished columns receive zero updates.
+Layout and cost (:mod:`qjax.methods.weights.error_feedback`): the sweep runs on ``W^T`` (a column of ``W`` is a
+contiguous row), column by column inside sub-blocks of 16 columns, a matmul per sub-block for the rest of its block
+and a matmul per block for the later columns; a group's range is fitted at a sub-block start (16 divides the group
+size; otherwise the sub-block shrinks to a divisor). Compilation does not grow with the number of columns:
+``lax.fori_loop`` s run over the columns, the sub-blocks and the blocks, the lazy trailing update touching a static
+column range per segment (at most 4 segments), relying on ``U`` being upper triangular so finished columns
+receive zero updates.
 """
 from __future__ import annotations
 
@@ -58,56 +62,61 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, bl
   h = h + percdamp * jnp.mean(jnp.diag(h)) * jnp.eye(cols, dtype=h.dtype)
 
   bs = block_size
-  w, u, ok = error_feedback.pad_to_blocks(w, h, bs)
-  ncols = w.shape[1]
+  wt, u, ok = error_feedback.pad_to_blocks(w, h, bs)                    # wt [ncols, out]
+  ncols = wt.shape[0]
   ng = uniform.num_groups(ncols, g) if g > 0 else 1
+  sub = error_feedback.sub_block_size(bs, g)
+  if g > 0 and static_groups:
+    stat_scale, stat_zero = stat_scale.T, stat_zero.T                   # [G, out]
 
-  def quant_block(i1, w1, u1, state, w):
+  def quant_block(i1, w1, u1, state, acc):
     codes, losses, scales, zeros = state
-    stale = jnp.pad(w, ((0, 0), (0, max(g, 0))))  # block-start weights, for the reference's group fits
+    stale = jnp.pad(acc, ((0, max(g, 0)), (0, 0)))  # block-start weights, for the reference's group fits
 
-    def quant_col(i, st):
-      w1, q1, err1, loss1, scale, zero, scales, zeros = st
+    def start(i0, w1, st):
+      if not (g > 0 and not static_groups):
+        return st
+      j = i1 + i0
+
+      def refit(st):
+        q1, loss1, _, _, scales, zeros = st
+        s, z = (a[0] for a in uniform.fit(jax.lax.dynamic_slice_in_dim(stale, j, g), bits, sym, axis=0))
+        scales = jax.lax.dynamic_update_slice_in_dim(scales, s[None], j // g, axis=0)
+        zeros = jax.lax.dynamic_update_slice_in_dim(zeros, z[None], j // g, axis=0)
+        return q1, loss1, s, z, scales, zeros
+      return jax.lax.cond(j % g == 0, refit, lambda st: st, st)
+
+    def col(i, wc, st):
+      q1, loss1, scale, zero, scales, zeros = st
       j = i1 + i
-      if g > 0 and not static_groups:
-        def refit(_):
-          s, z = uniform.fit(jax.lax.dynamic_slice_in_dim(stale, j, g, axis=1), bits, sym)
-          return s[:, 0], z[:, 0]
-        scale, zero = jax.lax.cond(j % g == 0, refit, lambda _: (scale, zero), None)
-        scales = jax.lax.dynamic_update_slice_in_dim(scales, scale[:, None], j // g, axis=1)
-        zeros = jax.lax.dynamic_update_slice_in_dim(zeros, zero[:, None], j // g, axis=1)
-      elif g > 0:
-        grp = jnp.minimum(perm[jnp.minimum(j, cols - 1)] // g, stat_scale.shape[1] - 1)
-        scale, zero = stat_scale[:, grp], stat_zero[:, grp]
-      wc = w1[:, i]
+      if g > 0 and static_groups:
+        grp = jnp.minimum(perm[jnp.minimum(j, cols - 1)] // g, stat_scale.shape[0] - 1)
+        scale, zero = stat_scale[grp], stat_zero[grp]
       q = uniform.quantize(wc, scale, zero, bits)
       deq = uniform.dequantize(q, scale, zero)
       d = u1[i, i]
-      err = (wc - deq) / d
-      w1 = error_feedback.feedback(w1, err, u1[i], i)
-      return (w1, q1.at[:, i].set(q), err1.at[:, i].set(err), loss1.at[i].set(jnp.sum((wc - deq) ** 2) / d**2 / 2),
-              scale, zero, scales, zeros)
+      return (wc - deq) / d, (q1.at[i].set(q.astype(jnp.uint8)), loss1.at[i].set(jnp.sum((wc - deq) ** 2) / d**2 / 2), scale, zero, scales, zeros)
 
-    init = (w1, jnp.zeros((out, bs), jnp.float32), jnp.zeros((out, bs), jnp.float32), jnp.zeros((bs,), jnp.float32),
+    init = (jnp.zeros((bs, out), jnp.uint8), jnp.zeros((bs,), jnp.float32),
             *_block_params(scales, zeros, chan_scale, chan_zero, g, static_groups, i1), scales, zeros)
-    _, q1, err1, loss1, _, _, scales, zeros = jax.lax.fori_loop(0, bs, quant_col, init)
-    codes = jax.lax.dynamic_update_slice_in_dim(codes, q1.astype(jnp.uint8), i1, axis=1)
+    err, (q1, loss1, _, _, scales, zeros) = error_feedback.block_sweep(w1, u1, col, init, sub=sub, start=start)
+    codes = jax.lax.dynamic_update_slice_in_dim(codes, q1, i1, axis=0)
     losses = jax.lax.dynamic_update_slice_in_dim(losses, loss1, i1, axis=0)
-    return err1, (codes, losses, scales, zeros)
+    return err, (codes, losses, scales, zeros)
 
-  state = (jnp.zeros((out, ncols), jnp.uint8), jnp.zeros((ncols,), jnp.float32), jnp.zeros((out, ng), jnp.float32),
-           jnp.zeros((out, ng), jnp.float32))
-  codes, losses, scales, zeros = error_feedback.sweep(w, u, quant_block, state, block_size=bs)
+  state = (jnp.zeros((ncols, out), jnp.uint8), jnp.zeros((ncols,), jnp.float32), jnp.zeros((ng, out), jnp.float32),
+           jnp.zeros((ng, out), jnp.float32))
+  codes, losses, scales, zeros = error_feedback.sweep(wt, u, quant_block, state, block_size=bs)
 
-  codes, losses = codes[:, :cols], losses[:cols]
+  codes, losses = codes[:cols].T, losses[:cols]
   inv = jnp.argsort(perm)
   losses = losses[inv]
   if g <= 0:
     scales, zeros = chan_scale, chan_zero
   elif static_groups:
-    scales, zeros = stat_scale, stat_zero
+    scales, zeros = stat_scale.T, stat_zero.T
   else:
-    scales, zeros = scales[:, :uniform.num_groups(cols, g)], zeros[:, :uniform.num_groups(cols, g)]
+    scales, zeros = scales[:uniform.num_groups(cols, g)].T, zeros[:uniform.num_groups(cols, g)].T
   keep_perm = act_order and g > 0 and not static_groups
   if act_order and not keep_perm:
     codes = codes[:, inv]
@@ -115,10 +124,10 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, bl
 
 
 def _block_params(scales, zeros, chan_scale, chan_zero, g, static_groups, i1):
-  """Initial (scale, zero) carried through a block's column loop: the running group's (it may have started in an
-  earlier block when ``g`` does not divide the block size)."""
+  """Initial ``(scale [out], zero [out])`` carried through a block's columns: the running group's (it may have
+  started in an earlier block when ``g`` does not divide the block size; ``scales [G, out]``)."""
   if g > 0 and not static_groups:
-    return scales[:, i1 // g], zeros[:, i1 // g]
+    return scales[i1 // g], zeros[i1 // g]
   return chan_scale[:, 0], chan_zero[:, 0]
 
 

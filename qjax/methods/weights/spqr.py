@@ -171,10 +171,10 @@ def _spqr(w, h, percdamp, tau, *, bits, group_size, qq_scale_bits, qq_zero_bits,
   h = h.at[idx, idx].set(jnp.where(dead, 1.0, jnp.diag(h)))       # damping before the dead fix (reference)
   w = jnp.where(dead[None, :], 0.0, w)
 
-  w, u, ok = error_feedback.pad_to_blocks(w, h, bs)      # padded columns: dead, never outliers
-  ncols = w.shape[1]
+  wt, u, ok = error_feedback.pad_to_blocks(w, h, bs)      # wt [ncols, out]; padded columns: dead, never outliers
+  ncols = wt.shape[0]
   d = jnp.diag(u)
-  thr = tau * jnp.mean(jnp.var(w[:, :cols], axis=0, ddof=1) / d[:cols] ** 2) if outliers else jnp.float32(jnp.inf)
+  thr = tau * jnp.mean(jnp.var(w, axis=0, ddof=1) / d[:cols] ** 2) if outliers else jnp.float32(jnp.inf)
   fit_group = functools.partial(_fit_group, bits=bits, sym=sym, loo=outliers and not simplified,
                                 qq_scale_bits=qq_scale_bits, qq_zero_bits=qq_zero_bits, qq_groupsize=qq_groupsize,
                                 stats_dtype=stats_dtype)
@@ -182,10 +182,18 @@ def _spqr(w, h, percdamp, tau, *, bits, group_size, qq_scale_bits, qq_zero_bits,
   def quant_block(i1, w1, u1, state, w):
     codes, recon, mask, losses, stored = state
 
-    def quant_col(i, st, scale, zero):
-      w1, q1, r1, m1, err1, loss1 = st
+    def start(i, w1, st):
+      def refit(st):
+        *cols_state, _, _, stored = st
+        j = i1 + i
+        x = jax.lax.dynamic_slice_in_dim(w1, i, g).T                     # the group's current columns [out, g]
+        scale, zero, new = fit_group(x, j + jnp.arange(g) < cols, jax.lax.dynamic_slice_in_dim(d, j, g), thr)
+        return (*cols_state, scale, zero, jax.tree.map(lambda a, v: a.at[j // g].set(v), stored, new))
+      return jax.lax.cond(i % g == 0, refit, lambda st: st, st)
+
+    def col(i, wc, st):
+      q1, r1, m1, loss1, scale, zero, stored = st
       j = i1 + i
-      wc = w1[:, i]
       dj = u1[i, i]
       q = _quantize(wc, scale, zero, bits)
       wq = uniform.dequantize(q, scale, zero)
@@ -195,35 +203,25 @@ def _spqr(w, h, percdamp, tau, *, bits, group_size, qq_scale_bits, qq_zero_bits,
         wq = jnp.where(is_out, wc.astype(stats_dtype).astype(jnp.float32), uniform.dequantize(q, scale, zero))
       else:
         is_out = jnp.zeros((out,), bool)
-      err = (wc - wq) / dj
-      w1 = error_feedback.feedback(w1, err, u1[i], i)
-      return (w1, q1.at[:, i].set(q.astype(jnp.uint8)), r1.at[:, i].set(wq), m1.at[:, i].set(is_out),
-              err1.at[:, i].set(err), loss1.at[i].set(jnp.sum((wc - wq) ** 2) / dj**2 / 2))
+      return (wc - wq) / dj, (q1.at[i].set(q.astype(jnp.uint8)), r1.at[i].set(wq), m1.at[i].set(is_out),
+                              loss1.at[i].set(jnp.sum((wc - wq) ** 2) / dj**2 / 2), scale, zero, stored)
 
-    def quant_group(k, st):
-      cols_state, stored = st
-      i = k * g
-      j = i1 + i
-      x = jax.lax.dynamic_slice_in_dim(cols_state[0], i, g, axis=1)
-      scale, zero, new = fit_group(x, j + jnp.arange(g) < cols, jax.lax.dynamic_slice_in_dim(d, j, g), thr)
-      stored = jax.tree.map(lambda a, v: a.at[j // g].set(v), stored, new)
-      cols_state = jax.lax.fori_loop(i, i + g, functools.partial(quant_col, scale=scale, zero=zero), cols_state)
-      return cols_state, stored
-
-    blank = jnp.zeros((out, bs), jnp.float32)
-    init = (w1, blank.astype(jnp.uint8), blank, blank.astype(bool), blank, jnp.zeros((bs,), jnp.float32))
-    (_, q1, r1, m1, err1, loss1), stored = jax.lax.fori_loop(0, bs // g, quant_group, (init, stored))
-    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i1, axis=a.ndim - 1)
-    return err1, (put(codes, q1), put(recon, r1), put(mask, m1), put(losses, loss1), stored)
+    blank = jnp.zeros((bs, out), jnp.float32)
+    init = (blank.astype(jnp.uint8), blank, blank.astype(bool), jnp.zeros((bs,), jnp.float32),
+            jnp.zeros((out,), jnp.float32), jnp.zeros((out,), jnp.float32), stored)
+    err, (q1, r1, m1, loss1, _, _, stored) = error_feedback.block_sweep(
+        w1, u1, col, init, sub=error_feedback.sub_block_size(bs, g), start=start)
+    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i1, axis=0)
+    return err, (put(codes, q1), put(recon, r1), put(mask, m1), put(losses, loss1), stored)
 
   ng = ncols // g
   nr = -(-out // qq_groupsize)
   stat = (jnp.zeros((ng, out), jnp.uint8), jnp.zeros((ng, nr, 2), jnp.float32))
-  state = (jnp.zeros((out, ncols), jnp.uint8), jnp.zeros((out, ncols), jnp.float32),
-           jnp.zeros((out, ncols), bool), jnp.zeros((ncols,), jnp.float32), stat if sym else stat + stat)
-  codes, recon, mask, losses, stored = error_feedback.sweep(w, u, quant_block, state, block_size=bs)
+  state = (jnp.zeros((ncols, out), jnp.uint8), jnp.zeros((ncols, out), jnp.float32),
+           jnp.zeros((ncols, out), bool), jnp.zeros((ncols,), jnp.float32), stat if sym else stat + stat)
+  codes, recon, mask, losses, stored = error_feedback.sweep(wt, u, quant_block, state, block_size=bs)
   stored = tuple(a[:uniform.num_groups(cols, g)] for a in stored)
-  return (codes[:, :cols], recon[:, :cols], mask[:, :cols], stored, losses[:cols][jnp.argsort(perm)],
+  return (codes[:cols].T, recon[:cols].T, mask[:cols].T, stored, losses[:cols][jnp.argsort(perm)],
           perm if act_order else None, ok, thr)
 
 
