@@ -82,10 +82,26 @@ def test_cholesky_failure_retries_with_more_damping():
 def test_trace_size_does_not_grow_with_columns():
   def eqns(n):
     w, h = jnp.zeros((8, n)), jnp.eye(n)
+    fac = functools.partial(gptq._factorize.__wrapped__, act_order=True, block_size=64)
     f = functools.partial(gptq._gptq.__wrapped__, bits=4, group_size=32, sym=False, act_order=True,
                           static_groups=False, block_size=64)
-    return len(jax.make_jaxpr(f)(w, h, 0.01).eqns)
+    (perm, dead, u), _ = fac(h, 0.01)
+    return len(jax.make_jaxpr(fac)(h, 0.01).eqns), len(jax.make_jaxpr(f)(w, perm, dead, u).eqns)
   assert eqns(512) == eqns(4096)
+
+
+def test_shared_factor_is_bit_identical_to_own():
+  """q/k/v share one factorization of their common Hessian: same codes, scales and losses as factorizing per
+  linear."""
+  w, _, h = problem(5)
+  kw = dict(bits=3, group_size=32, act_order=True)
+  fac = gptq.factorize(jnp.asarray(h), act_order=True)
+  for rows in (w, w[:7]):
+    own = gptq.quantize_weight(jnp.asarray(rows), jnp.asarray(h), **kw)
+    shared = gptq.quantize_weight(jnp.asarray(rows), factor=fac, **kw)
+    for la, lb in zip(jax.tree_util.tree_leaves(own.qarray), jax.tree_util.tree_leaves(shared.qarray)):
+      np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+    np.testing.assert_array_equal(own.losses, shared.losses)
 
 
 def test_rejects_static_groups_without_groups():

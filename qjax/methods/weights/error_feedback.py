@@ -31,17 +31,20 @@ SEGMENTS = 4   # static column ranges of the lazy trailing update
 SUB_BLOCK = 16  # columns per within-block sub-block (at most; it also divides the block and group sizes)
 
 
-def pad_to_blocks(w: jax.Array, h: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Pads ``w [out, cols]`` and ``h [cols, cols]`` (both float32, already permuted, damped and with dead columns
-  fixed) to a whole number of blocks: padded columns are dead (zero weight, identity Hessian). Returns ``(wt, u,
-  ok)``: the padded weights transposed, ``[ncols, out]``, ``U`` (upper Cholesky factor of the padded ``H^{-1}``)
-  and whether it is finite (False: ``H`` was not positive definite)."""
-  cols = w.shape[1]
+def factor(h: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+  """``(U, ok)`` of ``h [cols, cols]`` (float32, already permuted, damped and with dead columns fixed) padded to
+  a whole number of blocks (padded columns are dead: identity Hessian): ``U [ncols, ncols]`` is the upper Cholesky
+  factor of the padded ``H^{-1}``, ``ok`` whether it is finite (False: ``H`` was not positive definite)."""
+  cols = h.shape[0]
   pad = -(-cols // block_size) * block_size - cols
-  w = jnp.pad(w, ((0, 0), (0, pad)))
   h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(cols + pad) >= cols).astype(h.dtype)
   u = linalg.upper_cholesky_of_inverse(h)
-  return w.T, u, jnp.all(jnp.isfinite(u))
+  return u, jnp.all(jnp.isfinite(u))
+
+
+def transpose_padded(w: jax.Array, ncols: int) -> jax.Array:
+  """``w [out, cols]`` -> ``W^T [ncols, out]`` with zero rows for the padded (dead) columns."""
+  return jnp.pad(w, ((0, 0), (0, ncols - w.shape[1]))).T
 
 
 def sub_block_size(block_size: int, group_size: int = -1) -> int:

@@ -43,27 +43,57 @@ from qjax.methods.weights import error_feedback, flags
 from qjax.models.families import DECODER_LINEARS
 
 
+ROW_BUCKET = 64   # output rows are padded to a multiple of this, so small linears share one compiled sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianFactor:
+  """The half of GPTQ that depends on the Hessian only (:func:`factorize`), shared by every linear reading the same
+  input (q/k/v, gate/up): the column order, the dead columns and ``U``."""
+  perm: jax.Array       # [in] int32: columns in quantization order (act-order: by descending diag H)
+  dead: jax.Array       # [in] bool: H_jj == 0 (the weight column is zeroed)
+  u: jax.Array          # [ncols, ncols] float32: upper Cholesky factor of the damped, permuted, padded H^{-1}
+  percdamp: float       # damping actually used (grown if the Cholesky factorization failed)
+  act_order: bool
+  block_size: int
+
+
+@functools.partial(jax.jit, static_argnames=("act_order", "block_size"))
+def _factorize(h, percdamp, *, act_order, block_size):
+  cols = h.shape[0]
+  h = h.astype(jnp.float32)
+  dead = jnp.diag(h) == 0
+  h = h + jnp.diag(dead.astype(h.dtype))
+  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(cols)
+  h = h[perm][:, perm]
+  h = h + percdamp * jnp.mean(jnp.diag(h)) * jnp.eye(cols, dtype=h.dtype)
+  u, ok = error_feedback.factor(h, block_size)
+  return (perm, dead, u), ok
+
+
+def factorize(hessian: jax.Array, *, act_order: bool = False, percdamp: float = 0.01,
+              block_size: int = 128) -> HessianFactor:
+  """Dead columns, column order and ``U`` of ``hessian [in, in]`` (damping ``percdamp * mean(diag H)``; if the
+  Cholesky factorization fails the damping is multiplied by 10, up to 5 times, with a warning)."""
+  (perm, dead, u), damp = linalg.with_damping_retry(
+      lambda d: _factorize(hessian, d, act_order=act_order, block_size=block_size), percdamp, "GPTQ")
+  return HessianFactor(perm, dead, u, damp, act_order, block_size)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "act_order", "static_groups",
                                              "block_size"))
-def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, block_size):
+def _gptq(w, perm, dead, u, *, bits, group_size, sym, act_order, static_groups, block_size):
   out, cols = w.shape
   g = group_size
   w = w.astype(jnp.float32)
-  h = h.astype(jnp.float32)
   chan_scale, chan_zero = uniform.fit(w, bits, sym)                      # [out, 1], before dead columns
-  dead = jnp.diag(h) == 0
-  h = h + jnp.diag(dead.astype(h.dtype))
   w = jnp.where(dead[None, :], 0.0, w)
   if g > 0 and static_groups:
     stat_scale, stat_zero = (a[..., 0] for a in uniform.fit(uniform.to_groups(w, g), bits, sym))  # [out, G]
-  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(cols)
-  w = w[:, perm]
-  h = h[perm][:, perm]
-  h = h + percdamp * jnp.mean(jnp.diag(h)) * jnp.eye(cols, dtype=h.dtype)
 
   bs = block_size
-  wt, u, ok = error_feedback.pad_to_blocks(w, h, bs)                    # wt [ncols, out]
-  ncols = wt.shape[0]
+  ncols = u.shape[0]
+  wt = error_feedback.transpose_padded(w[:, perm], ncols)               # [ncols, out], quantization order
   ng = uniform.num_groups(ncols, g) if g > 0 else 1
   sub = error_feedback.sub_block_size(bs, g)
   if g > 0 and static_groups:
@@ -120,7 +150,7 @@ def _gptq(w, h, percdamp, *, bits, group_size, sym, act_order, static_groups, bl
   keep_perm = act_order and g > 0 and not static_groups
   if act_order and not keep_perm:
     codes = codes[:, inv]
-  return codes, scales, zeros, losses, (perm if keep_perm else None), ok
+  return codes, scales, zeros, losses, (perm if keep_perm else None)
 
 
 def _block_params(scales, zeros, chan_scale, chan_zero, g, static_groups, i1):
@@ -138,10 +168,12 @@ class GPTQResult:
   percdamp: float         # damping actually used (grown if the Cholesky factorization failed)
 
 
-def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: int = -1, sym: bool = False,
-                    act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
-                    block_size: int = 128, scale_dtype: str | None = None) -> GPTQResult:
-  """GPTQ-quantizes ``w [out_features, in_features]`` given ``hessian [in, in]`` (float32).
+def quantize_weight(w: jax.Array, hessian: jax.Array | None = None, *, bits: int, group_size: int = -1,
+                    sym: bool = False, act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
+                    block_size: int = 128, scale_dtype: str | None = None,
+                    factor: HessianFactor | None = None) -> GPTQResult:
+  """GPTQ-quantizes ``w [out_features, in_features]`` given ``hessian [in, in]`` (float32), or its
+  :func:`factorize` result ``factor`` (which then fixes ``act_order``, ``percdamp`` and ``block_size``).
 
   Returns the QArray (dequantizes to ``[out, in]`` in ``w.dtype``; scales in ``scale_dtype``, default
   ``w.dtype``), the per-column losses and the damping used. If the Cholesky factorization fails the damping is
@@ -149,15 +181,17 @@ def quantize_weight(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: 
   """
   if static_groups and group_size <= 0:
     raise ValueError("static_groups needs group_size > 0")
-  def run(damp):
-    *out, ok = _gptq(w, hessian, damp, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                     static_groups=static_groups, block_size=block_size)
-    return out, ok
-
-  (codes, scale, zero, losses, perm), damp = linalg.with_damping_retry(run, percdamp, "GPTQ")
+  if factor is None:
+    factor = factorize(hessian, act_order=act_order, percdamp=percdamp, block_size=block_size)
+  out = w.shape[0]
+  padded = jnp.pad(w, ((0, -out % ROW_BUCKET), (0, 0)))   # rows are independent: zero rows change nothing
+  codes, scale, zero, losses, perm = _gptq(padded, factor.perm, factor.dead, factor.u, bits=bits,
+                                           group_size=group_size, sym=sym, act_order=factor.act_order,
+                                           static_groups=static_groups, block_size=factor.block_size)
+  codes, scale, zero = codes[:out], scale[:out], zero[:out]
   q = QArray.from_codes(codes, scale, zero, bits=bits, group_size=group_size, sym=sym, perm=perm, dtype=w.dtype,
                         scale_dtype=scale_dtype or w.dtype)
-  return GPTQResult(q, np.asarray(losses), damp)
+  return GPTQResult(q, np.asarray(losses), factor.percdamp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +232,16 @@ def quantize(params, rules, *, model=None, calibration=None, progress: bool = Tr
     raise InputError("GPTQ needs calibration data")
   assignment = as_assignment(params, rules)
 
+  factors = {}   # one factorization per distinct Hessian (linears reading the same input share it)
+
   def one(path, w, h):
     c = assignment[path]
-    r = quantize_weight(w, h, bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order,
-                        static_groups=c.static_groups, percdamp=c.percdamp, block_size=c.block_size,
-                        scale_dtype=c.scale_dtype)
+    key = (id(h), c.act_order, c.percdamp, c.block_size)
+    if key not in factors or factors[key][0] is not h:
+      factors.clear()                      # the previous layer's Hessians are done with
+      factors[key] = (h, factorize(h, act_order=c.act_order, percdamp=c.percdamp, block_size=c.block_size))
+    r = quantize_weight(w, bits=c.bits, group_size=c.group_size, sym=c.sym, static_groups=c.static_groups,
+                        scale_dtype=c.scale_dtype, factor=factors[key][1])
     return r.qarray, float(r.losses.sum())
 
   bits = "/".join(sorted({f"W{c.bits}" for c in assignment.values()}))

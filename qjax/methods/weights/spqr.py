@@ -171,8 +171,9 @@ def _spqr(w, h, percdamp, tau, *, bits, group_size, qq_scale_bits, qq_zero_bits,
   h = h.at[idx, idx].set(jnp.where(dead, 1.0, jnp.diag(h)))       # damping before the dead fix (reference)
   w = jnp.where(dead[None, :], 0.0, w)
 
-  wt, u, ok = error_feedback.pad_to_blocks(w, h, bs)      # wt [ncols, out]; padded columns: dead, never outliers
-  ncols = wt.shape[0]
+  u, ok = error_feedback.factor(h, bs)                   # padded columns: dead, never outliers
+  ncols = u.shape[0]
+  wt = error_feedback.transpose_padded(w, ncols)         # [ncols, out]
   d = jnp.diag(u)
   thr = tau * jnp.mean(jnp.var(w, axis=0, ddof=1) / d[:cols] ** 2) if outliers else jnp.float32(jnp.inf)
   fit_group = functools.partial(_fit_group, bits=bits, sym=sym, loo=outliers and not simplified,
