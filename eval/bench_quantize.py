@@ -23,6 +23,13 @@
    first qjax run includes compilation (``qjax_first_s``); ``qjax_s`` is the best of ``--model-repeats`` later
    runs. ``*_rss_peak_delta`` is the peak resident-memory growth during one run (sampled every 10 ms), comparable
    between the two. ``loss_rel_diff`` compares the summed GPTQ losses of all linears (sanity check).
+3. Real model (``--real smollm2-135m``; skipped by default): the issue's end-to-end comparison, GPTQ W4 g128
+   act-order (non-static groups, as the reference) on ``--real-nsamples x --real-seqlen`` WikiText-2 calibration
+   windows (default 128 x 2048, seed 0): qjax once (wall seconds, compile seconds from ``jax.monitoring``, peak
+   host memory, per-layer seconds), then the torch pipeline on the transformers model of the same GGUF, each
+   followed by the WikiText-2 perplexity of its quantized model (``--real-eval-windows`` windows); ``ratio =
+   torch / qjax``. The two perplexities differ by float rounding only (GPTQ is chaotic at ties: compare with the
+   reference's own run-to-run spread in the README).
 
 The two frameworks alternate for ``--repeats`` rounds (the order flips each round) and the best round of each is
 reported: the CPU is shared and noisy (~2x run to run), so compare the ratios of one run, not numbers across
@@ -235,6 +242,59 @@ def bench_model(name, path, windows, repeats, groups):
   return res
 
 
+def bench_real(name, nsamples, seqlen, eval_windows):
+  """The real-model benchmark: ``name`` (e.g. ``smollm2-135m``, a GGUF) quantized with GPTQ W4 g128 act-order
+  (reference semantics: non-static groups; the same config both sides) on ``nsamples x seqlen`` WikiText-2
+  calibration windows (seed 0), qjax (``gptq.quantize``, once: compilation reported separately) then the torch
+  pipeline (``torch_gptq.gptq_model`` on the transformers model loaded from the same file), each followed by its
+  own WikiText-2 perplexity (first ``eval_windows`` windows of ``seqlen``) of the quantized model."""
+  import torch
+  from bench_ppl import torch_causal_lm
+  from torch_gptq import gptq_model
+  from torch_gptq import perplexity as torch_perplexity
+
+  import qjax
+  from qjax import calibration
+  from qjax.core.timing import compile_time
+  from qjax.evaluation import perplexity as ppl
+  from qjax.io import assets
+  from qjax.io import text as data
+  from qjax.methods.weights import gptq as qgptq
+  loaded = qjax.load(name)
+  model, params = loaded.model, loaded.params
+  calib = data.tokenize(loaded.tokenizer, data.read_text(assets.named_text("wikitext2", assets.CALIB_DATASETS)))
+  windows = calibration.sample_windows(calib, nsamples, seqlen)
+  test = data.tokenize(loaded.tokenizer, data.read_text(assets.named_text("wikitext2", assets.PPL_DATASETS)))
+  cfg = qgptq.GPTQConfig(bits=4, group_size=128, act_order=True, static_groups=False, scale_dtype="float32")
+  r = {"windows": nsamples, "seqlen": seqlen, "eval_windows": eval_windows,
+       "config": "W4 g128 act-order (non-static groups), float32 scales"}
+  with PeakRSS() as m, compile_time() as c:
+    t = time.perf_counter()
+    qparams, rep = qgptq.quantize(params, cfg, calibration=calibration.Calibration(model, windows), progress=False)
+    r["qjax_s"] = round(time.perf_counter() - t, 3)
+  r.update(qjax_compile_s=round(c.seconds, 3), qjax_rss_peak_delta_bytes=m.delta,
+           qjax_peak_host_bytes=rep.peak_host_bytes, qjax_layer_s=[round(l.seconds, 3) for l in rep.layers],
+           qjax_loss=sum(sum(l.linear_losses.values()) for l in rep.layers))
+  r["qjax_ppl"] = ppl.perplexity(model, qparams, test, seqlen, eval_windows, progress=False).ppl
+  r["fp_ppl"] = ppl.perplexity(model, params, test, seqlen, eval_windows, progress=False).ppl
+  log(f"[{name}] qjax {r['qjax_s']:.1f}s (compile {r['qjax_compile_s']:.1f}s) ppl {r['qjax_ppl']:.4f}")
+  del qparams
+  tm = torch_causal_lm(str(assets.model_path(name)))
+  with PeakRSS() as m:
+    t = time.perf_counter()
+    trep = gptq_model(tm, windows, bits=4, group_size=128, act_order=True)
+    r["torch_s"] = round(time.perf_counter() - t, 3)
+  r.update(torch_rss_peak_delta_bytes=m.delta, torch_layer_s=[round(x, 3) for x in trep["seconds"]],
+           torch_loss=sum(sum(l.values()) for l in trep["layers"]))
+  with torch.no_grad():
+    r["torch_ppl"] = torch_perplexity(tm, test, seqlen, eval_windows)
+  log(f"[{name}] torch {r['torch_s']:.1f}s ppl {r['torch_ppl']:.4f}")
+  r["ratio"] = round(r["torch_s"] / r["qjax_s"], 3)
+  r["loss_rel_diff"] = abs(r["qjax_loss"] - r["torch_loss"]) / abs(r["torch_loss"])
+  r["ppl_rel_diff"] = abs(r["qjax_ppl"] - r["torch_ppl"]) / r["torch_ppl"]
+  return r
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sizes", default=SIZES, help="comma-separated OUTxIN linear shapes ('' to skip)")
@@ -244,6 +304,11 @@ def main(argv=None):
   p.add_argument("--model-groups", default="128", help="comma-separated group sizes for the whole model (-1: "
                  "per-channel)")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks (default: all)")
+  p.add_argument("--real", default="", help="real models for the GPTQ W4 g128 act-order pipeline benchmark, e.g. "
+                 "smollm2-135m ('' to skip)")
+  p.add_argument("--real-nsamples", type=int, default=128, help="calibration windows of the real-model benchmark")
+  p.add_argument("--real-seqlen", type=int, default=2048, help="calibration / evaluation window length there")
+  p.add_argument("--real-eval-windows", type=int, default=40, help="WikiText-2 windows for its perplexities")
   args = p.parse_args(argv)
   sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
   cpus = sorted(os.sched_getaffinity(0))
@@ -283,6 +348,8 @@ def main(argv=None):
           make_llama8x512(path)
         res = bench_model(name, path, windows, args.model_repeats, groups)
         out["models"][name] = {"windows": NSAMPLES, "seqlen": SEQLEN, **res}
+  out["real"] = {n: bench_real(n, args.real_nsamples, args.real_seqlen, args.real_eval_windows)
+                 for n in args.real.split(",") if n}
   env["load_avg_end"] = os.getloadavg()
   env["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps(out, indent=1))

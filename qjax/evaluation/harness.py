@@ -10,13 +10,15 @@ What it computes, as the harness's ``hf`` model does (:class:`lm_eval.api.model.
 into context and continuation tokens: trailing spaces of the context move to the continuation, the continuation
 is the tail of the whole string's encoding; an empty context becomes the prefix token):
 
-* ``loglikelihood``: for tokens ``ctx + cont`` (the last ``max_length + 1`` kept), the model runs on all but the
-  last token; the log-probabilities of ``cont`` are read at its last ``len(cont)`` positions (summed), and
-  ``is_greedy`` says whether the argmax at each of them is the continuation token. Requests are sorted by length
-  and scored ``batch_size`` at a time, right-padded to a power-of-two length bucket (at least 16): the causal mask
-  keeps padding from changing real positions, and the number of compiled shapes stays ``log2(max_length)``.
-  Float32 log-softmax over the vocabulary, computed a chunk of positions at a time
-  (:func:`qjax.evaluation.perplexity.token_scores`).
+* ``loglikelihood``: for tokens ``ctx + cont`` (the last ``max_length + 1`` kept), the log-probabilities of
+  ``cont`` given everything before it (summed), and ``is_greedy``: whether the argmax at each of its positions is
+  the continuation token. Requests with the same context (a multiple-choice question's choices; MMLU's four
+  one-token answers) are packed into one row that holds the context once and every continuation after it, each
+  continuation seeing the context and itself only (an explicit mask, positions as if alone): the context is
+  computed once per question instead of once per choice. Rows are sorted by length and scored ``batch_size`` at a
+  time, right-padded to a length bucket (``2^k`` or ``1.5 * 2^k``, at least 16: few compiled shapes).
+  Float32 log-softmax over the vocabulary at the scored positions only, a chunk of positions at a time
+  (:func:`qjax.evaluation.perplexity.head_scores`).
 * ``loglikelihood_rolling``: the harness's rolling windows (``get_rolling_token_windows`` with the prefix token,
   ``max_length``, context 1, disjoint), each scored as above, summed per document.
 * ``generate_until``: greedy decoding through the KV-cache :class:`~qjax.evaluation.generation.Generator` (the
@@ -45,14 +47,22 @@ MIN_BUCKET = 16
 
 
 def bucket(n: int, cap: int) -> int:
-  """The padded length of a batch whose longest row has ``n`` tokens: a power of two >= 16, at most ``cap``."""
-  return min(cap, max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()))
+  """The padded length of a batch whose longest row has ``n`` tokens: ``2^k`` or ``1.5 * 2^k`` (at least 16, at
+  most ``cap``): two compiled shapes per octave, at most a third of a row padding."""
+  b = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+  return min(cap, b * 3 // 4 if b * 3 // 4 >= max(n, MIN_BUCKET) else b)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _scores(model, params, ids):
-  """``(logprob [b, T - 1], greedy [b, T - 1])`` of ``ids [b, T]``'s next tokens (float32, bool)."""
-  nll, greedy = perplexity.token_scores(model, params, ids)
+def _packed_scores(model, params, ids, seg, pos, at, targets):
+  """``(logprob [b, p], greedy [b, p])`` of ``targets [b, p]`` predicted at positions ``at [b, p]`` of packed rows
+  ``ids [b, w]``: ``seg [b, w]`` is 0 on the shared context, ``i + 1`` on continuation ``i``, -1 on padding; a token
+  sees the earlier tokens of the context and of its own segment; ``pos [b, w]`` its position in its sequence."""
+  w = ids.shape[1]
+  causal = jnp.arange(w)[None, :] <= jnp.arange(w)[:, None]
+  mask = causal[None] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+  x = jnp.take_along_axis(model.hidden(params, ids, mask, pos), at[..., None], axis=1)
+  nll, greedy = perplexity.head_scores(model, params, x, targets)
   return -nll, greedy
 
 
@@ -112,32 +122,62 @@ class LM(TemplateLM):
 
   # ------------------------------------------------------------------------------------------ scoring
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_) -> list[tuple[float, bool]]:
-    """``[(sum of log p(cont), is_greedy)]`` for ``requests = [(cache key, ctx tokens, cont tokens)]``, in order."""
-    rows = []
-    for _, ctx, cont in requests:
+    """``[(sum of log p(cont), is_greedy)]`` for ``requests = [(cache key, ctx tokens, cont tokens)]``, in order.
+
+    Requests whose (truncated) contexts are equal, e.g. the choices of one multiple-choice question, are packed
+    into one row: the context once, then each continuation (but its last token) attending to the context and to
+    itself only, at the positions it would have alone (:func:`_packed_scores`); the first continuation token
+    of each is read at the context's last position. Rows are sorted by length and scored ``batch_size`` at a time,
+    right-padded to a :func:`bucket` length."""
+    rows = self._pack(requests)
+    out: list = [None] * len(requests)
+    bar = progress_bar(total=len(requests), desc="loglikelihood", enabled=self.progress and not disable_tqdm)
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      width = bucket(max(max(len(r["ids"]), len(r["at"])) for r in chunk), self.max_length + 1)
+      arrays = {k: np.full((self.batch_size, width), fill, np.int32)
+                for k, fill in (("ids", 0), ("seg", -1), ("pos", 0), ("at", 0), ("targets", 0))}
+      for b, r in enumerate(chunk):
+        for k in arrays:
+          arrays[k][b, :len(r[k])] = r[k]
+      logp, greedy = (np.asarray(a) for a in _packed_scores(self.model, self.params,
+                                                            *(jnp.asarray(arrays[k]) for k in arrays)))
+      for b, r in enumerate(chunk):
+        for i, lo, hi in r["members"]:
+          out[i] = (float(logp[b, lo:hi].astype(np.float64).sum()), bool(greedy[b, lo:hi].all()))
+          if requests[i][0] is not None:
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+        bar.update(len(r["members"]))
+    bar.close()
+    return out
+
+  def _pack(self, requests) -> list[dict]:
+    """Packed rows (see :meth:`_loglikelihood_tokens`), longest first: ``ids, seg, pos`` of the row, ``at,
+    targets`` of its scored positions and ``members = [(request index, first, end)]`` (its slice of them)."""
+    groups = defaultdict(list)
+    for i, (_, ctx, cont) in enumerate(requests):
       if not cont:
         raise InputError("loglikelihood request with an empty continuation")
       whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
-      rows.append((whole, min(len(cont), len(whole) - 1)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out: list = [None] * len(rows)
-    bar = progress_bar(total=len(rows), desc="loglikelihood", enabled=self.progress and not disable_tqdm)
-    for start in range(0, len(order), self.batch_size):
-      idx = order[start:start + self.batch_size]
-      width = bucket(len(rows[idx[0]][0]), self.max_length + 1)
-      ids = np.zeros((self.batch_size, width), np.int32)
-      for r, i in enumerate(idx):
-        ids[r, :len(rows[i][0])] = rows[i][0]
-      logp, greedy = (np.asarray(a) for a in _scores(self.model, self.params, jnp.asarray(ids)))
-      for r, i in enumerate(idx):
-        whole, n = rows[i]
-        end = len(whole) - 1                       # positions 0..end-1 predict tokens 1..end
-        out[i] = (float(logp[r, end - n:end].astype(np.float64).sum()), bool(greedy[r, end - n:end].all()))
-        if requests[i][0] is not None:
-          self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
-      bar.update(len(idx))
-    bar.close()
-    return out
+      n = min(len(cont), len(whole) - 1)
+      groups[tuple(whole[:-n])].append((i, whole[-n:]))
+    rows = []
+    for ctx, members in groups.items():
+      row = None
+      for i, cont in members:
+        if row is None or len(row["ids"]) + len(cont) - 1 > self.max_length:
+          row = {"ids": list(ctx), "seg": [0] * len(ctx), "pos": list(range(len(ctx))), "at": [], "targets": [],
+                 "members": []}
+          rows.append(row)
+        first = len(row["at"])
+        start = len(row["ids"])
+        row["at"] += [len(ctx) - 1] + list(range(start, start + len(cont) - 1))
+        row["targets"] += cont
+        row["ids"] += cont[:-1]
+        row["seg"] += [len(row["members"]) + 1] * (len(cont) - 1)
+        row["pos"] += list(range(len(ctx), len(ctx) + len(cont) - 1))
+        row["members"].append((i, first, len(row["at"])))
+    return sorted(rows, key=lambda r: -max(len(r["ids"]), len(r["at"])))
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     windows, owner = [], []

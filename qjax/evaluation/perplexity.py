@@ -45,12 +45,17 @@ def token_scores(model, params, ids):
   The logits are computed :func:`logits_chunk` positions at a time inside a ``lax.map`` (``logsumexp(z) -
   z[target]``), so a large vocabulary never holds ``[b, T, vocab]`` float32 logits (400 MB for one 2048-token
   SmolLM2 window)."""
-  x = model.hidden(params, ids[:, :-1])
+  return head_scores(model, params, model.hidden(params, ids[:, :-1]), ids[:, 1:])
+
+
+def head_scores(model, params, x, targets):
+  """``(nll, greedy)`` ``[b, p]`` of ``targets [b, p]`` under the logits of hidden states ``x [b, p, d]`` (the
+  chunked log-softmax of :func:`token_scores`)."""
   b, t1, d = x.shape
   c = min(logits_chunk(model.config.vocab_size), t1)
   n = -(-t1 // c)
   x = jnp.pad(x, ((0, 0), (0, n * c - t1), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
-  tgt = jnp.pad(ids[:, 1:], ((0, 0), (0, n * c - t1))).reshape(b, n, c).swapaxes(0, 1)
+  tgt = jnp.pad(targets, ((0, 0), (0, n * c - t1))).reshape(b, n, c).swapaxes(0, 1)
 
   def chunk(args):
     xc, tc = args

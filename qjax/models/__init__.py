@@ -55,9 +55,10 @@ class CausalLM:
     """``(logits float32 [b, t, vocab], cache)``; see :class:`qjax.models.llama.LlamaForCausalLM`."""
     return self.module.apply({"params": params}, input_ids, attention_mask, positions, cache)
 
-  def hidden(self, params, input_ids):
-    """Final hidden states ``[b, t, head_features]`` of unpadded windows ``input_ids [b, t]`` (no cache)."""
-    return self.module.apply({"params": params}, input_ids, method="hidden")
+  def hidden(self, params, input_ids, mask=None, positions=None):
+    """Final hidden states ``[b, t, head_features]`` of unpadded windows ``input_ids [b, t]`` (no cache); with a
+    boolean ``mask [b, t, t]`` (a subset of the causal mask) and ``positions [b, t]``: of packed sequences."""
+    return self.module.apply({"params": params}, input_ids, mask, positions, method="hidden")
 
   def head(self, params, x):
     """float32 logits ``[..., vocab]`` of final hidden states ``x``."""

@@ -22,11 +22,16 @@ def window_inputs(seqlen: int):
 def masks_and_positions(attention_mask, positions, cache):
   """Attention mask, positions and cache bookkeeping for a forward call.
 
-  ``attention_mask [b, t]`` (1 = token, 0 = padding). Default positions count real tokens (left padding gets
+  ``attention_mask [b, t]`` (1 = token, 0 = padding), or without a cache an explicit boolean ``[b, t, t]`` mask
+  (query, key; a subset of the causal mask, e.g. several continuations packed after one shared context), which
+  needs ``positions``. Default positions count real tokens (left padding gets
   position 0 repeatedly), offset by the tokens already in the cache. Returns ``(mask [b, t, s], positions [b, t]
   int32, new cache validity or None, cache write index or None)``.
   """
-  if cache is None:
+  if cache is None and attention_mask.ndim == 3:   # an explicit [b, t, t] mask (packed sequences) with positions
+    mask = attention_mask.astype(bool)
+    valid, index, past = None, None, 0
+  elif cache is None:
     mask = layers.causal_mask(attention_mask)
     valid, index, past = None, None, 0
   else:
@@ -93,9 +98,12 @@ class CausalLMModule(nn.Module):
     x, cache = self.model(input_ids, attention_mask, positions, cache)
     return self.head(x), cache
 
-  def hidden(self, input_ids):
-    """The output projection's input ``[b, t, head_features]`` for unpadded, cache-free ``input_ids [b, t]``."""
-    return self.model(input_ids, jnp.ones(input_ids.shape, jnp.int32), None, None)[0]
+  def hidden(self, input_ids, mask=None, positions=None):
+    """The output projection's input ``[b, t, head_features]`` for unpadded, cache-free ``input_ids [b, t]``
+    (or, with ``mask [b, t, t]`` bool and ``positions [b, t]``, packed sequences: see ``masks_and_positions``)."""
+    if mask is None:
+      mask = jnp.ones(input_ids.shape, jnp.int32)
+    return self.model(input_ids, mask, positions, None)[0]
 
   def head(self, x):
     """float32 logits ``[..., vocab]`` of hidden states ``x [..., head_features]``."""

@@ -39,6 +39,22 @@ def test_loglikelihood_equals_the_hf_model(both):
   assert any(g for _, g in a) and len({round(x, 3) for x, _ in a}) > 10    # informative: not all equal/False
 
 
+def test_packed_rows_equal_scoring_each_request_alone(both):
+  """Choices sharing a context are packed into one row (context once, each continuation seeing it and itself):
+  the same scores as one request per call, also when the row has to split at ``max_length``."""
+  ours, _ = both
+  small = harness.LM(ours.model, ours.params, ours.tokenizer, batch_size=2, max_length=24, progress=False)
+  ctx = ours.tok_encode("Once upon a time there was a little girl named Lily. She")
+  conts = [ours.tok_encode(c) for c in (" A", " B", " went to the park and played.", " liked", " ran home fast")]
+  reqs = [(None, ctx, c) for c in conts]
+  for lm in (ours, small):
+    packed = lm._loglikelihood_tokens(reqs)
+    alone = [lm._loglikelihood_tokens([r])[0] for r in reqs]
+    np.testing.assert_allclose([x for x, _ in packed], [x for x, _ in alone], rtol=0, atol=2e-5)
+    assert [g for _, g in packed] == [g for _, g in alone]
+  assert len(ours._pack(reqs)) == 1 and len(small._pack(reqs)) > 1
+
+
 def test_rolling_loglikelihood_and_generation_equal_the_hf_model(both):
   ours, theirs = both
   text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. " * 12
