@@ -42,7 +42,6 @@ from qjax.methods.registry import as_assignment, exact_paths, register_method, s
 from qjax.methods.weights import error_feedback, flags
 from qjax.models.families import DECODER_LINEARS
 
-
 ROW_BUCKET = 64   # output rows are padded to a multiple of this, so small linears share one compiled sweep
 
 
