@@ -18,13 +18,36 @@ import jax
 IMPLEMENTATIONS = ("cpu", "pallas_triton", "pallas_tpu")   # the names an implementation may register under
 
 
-def load_native(module: str):
-  """``(module, None)`` for an optional native extension, or ``(None, the ImportError)`` when it is not built (no
-  compiler at install time, or a source checkout without the build)."""
-  try:
-    return importlib.import_module(module), None
-  except ImportError as e:
-    return None, e
+class NativeKernel:
+  """An optional native CPU extension (``module``, built by ``setup.py``) and the XLA FFI target of its handler
+  ``symbol``, registered for the CPU on first use. ``what`` names the kernel in its refusals."""
+
+  def __init__(self, module: str, symbol: str, what: str):
+    try:
+      self.lib, self.import_error = importlib.import_module(module), None
+    except ImportError as e:       # no compiler at install time, or a source checkout without the build
+      self.lib, self.import_error = None, e
+    self.symbol, self.what = symbol, what
+    self._target = None
+
+  def available(self) -> bool:
+    """Whether the extension is built (importable)."""
+    return self.lib is not None
+
+  def check(self):
+    """Raises NotImplementedError (the dispatcher then runs the reference) when the extension is not built or
+    the backend is not the CPU."""
+    if self.lib is None:
+      raise NotImplementedError(f"{self.what}: the native extension is not built ({self.import_error})")
+    if jax.default_backend() != "cpu":
+      raise NotImplementedError(f"{self.what}: backend is {jax.default_backend()}, not cpu")
+
+  def target(self) -> str:
+    """The FFI target name for ``jax.ffi.ffi_call`` (registered on the first call)."""
+    if self._target is None:
+      jax.ffi.register_ffi_target(f"qjax_{self.symbol}_cpu", getattr(self.lib, self.symbol), platform="cpu")
+      self._target = f"qjax_{self.symbol}_cpu"
+    return self._target
 
 
 class Op:

@@ -16,41 +16,27 @@ not built. Output rows of a query that sees no token are 0. No derivative rule; 
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qjax.core.formats.kv import KIVITensor
-from qjax.kernels.dispatch import load_native
+from qjax.kernels.dispatch import NativeKernel
 from qjax.kernels.kivi_attention import OP
 
-_cpu_kernel, IMPORT_ERROR = load_native("qjax.kernels.kivi_attention._cpu_kernel")
+NATIVE = NativeKernel("qjax.kernels.kivi_attention._cpu_kernel", "kivi_attention", "cpu kivi_attention")
 
 __all__ = ["MAX_T", "available", "dense_attention_cpu", "kivi_attention_cpu"]
 
 MAX_T = 16
-_TARGET = "qjax_kivi_attention_cpu"
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def available() -> bool:
-  """Whether the native extension is built (importable)."""
-  return _cpu_kernel is not None
-
-
-@functools.cache
-def _register() -> str:
-  jax.ffi.register_ffi_target(_TARGET, _cpu_kernel.kivi_attention, platform="cpu")
-  return _TARGET
+available = NATIVE.available
 
 
 def _check(q, keys: KIVITensor, values: KIVITensor, k_pend):
-  if _cpu_kernel is None:
-    raise NotImplementedError(f"cpu kivi_attention: the native extension is not built ({IMPORT_ERROR})")
-  if jax.default_backend() != "cpu":
-    raise NotImplementedError(f"cpu kivi_attention: backend is {jax.default_backend()}, not cpu")
+  NATIVE.check()
   if not 0 < q.shape[1] <= MAX_T:
     raise NotImplementedError(f"cpu kivi_attention: {q.shape[1]} queries per row (decode kernel: 1..{MAX_T})")
   if q.dtype not in _DTYPES or k_pend.dtype not in _DTYPES:
@@ -67,7 +53,7 @@ def kivi_attention_cpu(q, keys: KIVITensor, values: KIVITensor, k_pend, v_pend, 
   """The op through the native kernel (``force_scalar``: the portable path even on AVX2 CPUs, for tests)."""
   _check(q, keys, values, k_pend)
   f32 = lambda a: a.astype(jnp.float32)
-  call = jax.ffi.ffi_call(_register(), jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+  call = jax.ffi.ffi_call(NATIVE.target(), jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
   out = call(f32(q), keys.codes, keys.scale, keys.mn, values.codes, values.scale, values.mn, f32(k_pend),
              f32(v_pend), mask_store.astype(bool), mask_pend.astype(bool), length.astype(jnp.int32),
              k_bits=np.int64(keys.bits), v_bits=np.int64(values.bits), group_size=np.int64(keys.group_size),

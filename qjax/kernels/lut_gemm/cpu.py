@@ -22,7 +22,6 @@ call when the extension is not built. Rows are split over XLA's intra-op thread 
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -30,34 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core.formats.bcq import BCQArray
-from qjax.kernels.dispatch import load_native
+from qjax.kernels.dispatch import NativeKernel
 from qjax.kernels.lut_gemm import OP
 
-_cpu_kernel, IMPORT_ERROR = load_native("qjax.kernels.lut_gemm._cpu_kernel")
+NATIVE = NativeKernel("qjax.kernels.lut_gemm._cpu_kernel", "lut_gemm", "cpu lut_gemm")
 
 __all__ = ["MAX_M", "available", "lut_gemm_cpu"]
 
 MAX_M = 4
-_TARGET = "qjax_lut_gemm_cpu"
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
-def available() -> bool:
-  """Whether the native extension is built (importable)."""
-  return _cpu_kernel is not None
-
-
-@functools.cache
-def _register() -> str:
-  jax.ffi.register_ffi_target(_TARGET, _cpu_kernel.lut_gemm, platform="cpu")
-  return _TARGET
+available = NATIVE.available
 
 
 def _check(x, w: BCQArray, m: int):
-  if _cpu_kernel is None:
-    raise NotImplementedError(f"cpu lut_gemm: the native extension is not built ({IMPORT_ERROR})")
-  if jax.default_backend() != "cpu":
-    raise NotImplementedError(f"cpu lut_gemm: backend is {jax.default_backend()}, not cpu")
+  NATIVE.check()
   if not 0 < m <= MAX_M:
     raise NotImplementedError(f"cpu lut_gemm: M = {m} rows (decode kernel: 1..{MAX_M})")
   if x.dtype not in _DTYPES or w.alpha.dtype not in _DTYPES:
@@ -79,7 +66,7 @@ def lut_gemm_cpu(x: jax.Array, w: BCQArray, act=None) -> jax.Array:
   if w.perm is not None:
     x2 = jnp.take(x2, w.perm, axis=-1)
   offset = jnp.zeros((0, 0), w.alpha.dtype) if w.offset is None else w.offset.astype(w.alpha.dtype)
-  call = jax.ffi.ffi_call(_register(), jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32),
+  call = jax.ffi.ffi_call(NATIVE.target(), jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32),
                           vmap_method="sequential")
   y = call(x2, w.planes, w.alpha, offset, group_size=np.int64(w.group_size), k=np.int64(w.shape[1]),
            has_offset=np.int64(w.offset is not None))

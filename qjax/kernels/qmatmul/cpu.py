@@ -36,7 +36,6 @@ missing compiler only leaves this implementation unavailable.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -44,29 +43,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core.formats.qarray import QArray
-from qjax.kernels.dispatch import load_native
+from qjax.kernels.dispatch import NativeKernel
 from qjax.kernels.qmatmul import OP, xla
 
-_cpu_kernel, IMPORT_ERROR = load_native("qjax.kernels.qmatmul._cpu_kernel")
+NATIVE = NativeKernel("qjax.kernels.qmatmul._cpu_kernel", "qmatmul", "cpu qmatmul")
+IMPORT_ERROR = NATIVE.import_error
 
 __all__ = ["MAX_M", "HAS_AVX2", "available", "qmatmul_cpu"]
 
 MAX_M = 16
-HAS_AVX2 = bool(_cpu_kernel is not None and _cpu_kernel.HAS_AVX2)
-_TARGET = "qjax_qmatmul_cpu"
+HAS_AVX2 = bool(NATIVE.lib is not None and NATIVE.lib.HAS_AVX2)
 _SCALE_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 _X_DTYPES = _SCALE_DTYPES
 
 
-def available() -> bool:
-  """Whether the native extension is built (importable)."""
-  return _cpu_kernel is not None
-
-
-@functools.cache
-def _register() -> str:
-  jax.ffi.register_ffi_target(_TARGET, _cpu_kernel.qmatmul, platform="cpu")
-  return _TARGET
+available = NATIVE.available
 
 
 def _unit_codes(bits: int) -> int:
@@ -76,10 +67,7 @@ def _unit_codes(bits: int) -> int:
 
 def _check(x, w: QArray, m: int):
   """Raises NotImplementedError for what the kernel does not cover."""
-  if _cpu_kernel is None:
-    raise NotImplementedError(f"cpu qmatmul: the native extension is not built ({IMPORT_ERROR})")
-  if jax.default_backend() != "cpu":
-    raise NotImplementedError(f"cpu qmatmul: backend is {jax.default_backend()}, not cpu")
+  NATIVE.check()
   if not 0 < m <= MAX_M:
     raise NotImplementedError(f"cpu qmatmul: M = {m} rows (decode kernel: 1..{MAX_M})")
   if x.dtype not in _X_DTYPES:
@@ -97,7 +85,7 @@ def _ffi(x2: jax.Array, w: QArray, force_scalar: bool) -> jax.Array:
   """``x2 [M, K]`` float32 (stored column order) times the QArray: ``[M, N]`` float32."""
   scale = w.scale if w.scale.dtype in _SCALE_DTYPES else w.scale.astype(jnp.float32)
   zero = jnp.zeros((0,), jnp.uint8) if w.zero is None else w.zero.astype(jnp.uint8)
-  call = jax.ffi.ffi_call(_register(), jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32),
+  call = jax.ffi.ffi_call(NATIVE.target(), jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32),
                           vmap_method="sequential")
   return call(x2, w.codes, scale, zero, bits=np.int64(w.bits), group_size=np.int64(w.group_size),
               k=np.int64(w.shape[1]), has_zero=np.int64(w.zero is not None), force_scalar=np.int64(force_scalar))
