@@ -24,15 +24,15 @@ def masks_and_positions(attention_mask, positions, cache):
 
   ``attention_mask [b, t]`` (1 = token, 0 = padding), or without a cache an explicit boolean ``[b, t, t]`` mask
   (query, key; a subset of the causal mask, e.g. several continuations packed after one shared context), which
-  needs ``positions``. Default positions count real tokens (left padding gets
-  position 0 repeatedly), offset by the tokens already in the cache. Returns ``(mask [b, t, s], positions [b, t]
+  needs ``positions``. Default positions count real tokens (left padding gets position 0 repeatedly), offset by the
+  tokens already in the cache. Returns ``(mask [b, t, s], positions [b, t]
   int32, new cache validity or None, cache write index or None)``.
   """
-  if cache is None and attention_mask.ndim == 3:   # an explicit [b, t, t] mask (packed sequences) with positions
-    mask = attention_mask.astype(bool)
-    valid, index, past = None, None, 0
-  elif cache is None:
-    mask = layers.causal_mask(attention_mask)
+  explicit = attention_mask.ndim == 3               # a [b, t, t] mask (packed sequences), with positions
+  if explicit and (cache is not None or positions is None):
+    raise ValueError("an explicit [b, t, t] attention mask needs positions and no cache")
+  if cache is None:
+    mask = attention_mask.astype(bool) if explicit else layers.causal_mask(attention_mask)
     valid, index, past = None, None, 0
   else:
     mask, valid = cache.append_mask(attention_mask)

@@ -105,7 +105,7 @@ def sweep(w: jax.Array, u: jax.Array, block_fn: BlockFn, state, *, block_size: i
   starting at column ``i1`` (``w1``: its columns with every earlier block's feedback applied; ``u1``: the block's
   diagonal part of ``U``; ``w``: all current columns, for fits that look past the block; usually through
   :func:`block_sweep`) and returns the errors ``e`` of its columns. ``w [ncols, out]`` (transposed) and ``u
-  [ncols, ncols]`` come from :func:`pad_to_blocks`."""
+  [ncols, ncols]`` come from :func:`transpose_padded` and :func:`factor`."""
   ncols = w.shape[0]
   nblk = ncols // block_size
 

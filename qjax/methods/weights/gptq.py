@@ -102,9 +102,7 @@ def _gptq(w, perm, dead, u, *, bits, group_size, sym, act_order, static_groups, 
     codes, losses, scales, zeros = state
     stale = jnp.pad(acc, ((0, max(g, 0)), (0, 0)))  # block-start weights, for the reference's group fits
 
-    def start(i0, w1, st):
-      if not (g > 0 and not static_groups):
-        return st
+    def refit_at_group_start(i0, w1, st):          # non-static groups: fitted on the block-start weights
       j = i1 + i0
 
       def refit(st):
@@ -124,10 +122,12 @@ def _gptq(w, perm, dead, u, *, bits, group_size, sym, act_order, static_groups, 
       q = uniform.quantize(wc, scale, zero, bits)
       deq = uniform.dequantize(q, scale, zero)
       d = u1[i, i]
-      return (wc - deq) / d, (q1.at[i].set(q.astype(jnp.uint8)), loss1.at[i].set(jnp.sum((wc - deq) ** 2) / d**2 / 2), scale, zero, scales, zeros)
+      loss = jnp.sum((wc - deq) ** 2) / d**2 / 2
+      return (wc - deq) / d, (q1.at[i].set(q.astype(jnp.uint8)), loss1.at[i].set(loss), scale, zero, scales, zeros)
 
     init = (jnp.zeros((bs, out), jnp.uint8), jnp.zeros((bs,), jnp.float32),
             *_block_params(scales, zeros, chan_scale, chan_zero, g, static_groups, i1), scales, zeros)
+    start = refit_at_group_start if g > 0 and not static_groups else None
     err, (q1, loss1, _, _, scales, zeros) = error_feedback.block_sweep(w1, u1, col, init, sub=sub, start=start)
     codes = jax.lax.dynamic_update_slice_in_dim(codes, q1, i1, axis=0)
     losses = jax.lax.dynamic_update_slice_in_dim(losses, loss1, i1, axis=0)
@@ -231,16 +231,16 @@ def quantize(params, rules, *, model=None, calibration=None, progress: bool = Tr
     raise InputError("GPTQ needs calibration data")
   assignment = as_assignment(params, rules)
 
-  factors = {}   # one factorization per distinct Hessian (linears reading the same input share it)
+  last = {}   # the latest (Hessian, settings) and its factorization: q/k/v and gate/up come in a row, one H each
 
   def one(path, w, h):
     c = assignment[path]
-    key = (id(h), c.act_order, c.percdamp, c.block_size)
-    if key not in factors or factors[key][0] is not h:
-      factors.clear()                      # the previous layer's Hessians are done with
-      factors[key] = (h, factorize(h, act_order=c.act_order, percdamp=c.percdamp, block_size=c.block_size))
+    settings = (c.act_order, c.percdamp, c.block_size)
+    if last.get("h") is not h or last.get("settings") != settings:
+      last.update(h=h, settings=settings,
+                  factor=factorize(h, act_order=c.act_order, percdamp=c.percdamp, block_size=c.block_size))
     r = quantize_weight(w, bits=c.bits, group_size=c.group_size, sym=c.sym, static_groups=c.static_groups,
-                        scale_dtype=c.scale_dtype, factor=factors[key][1])
+                        scale_dtype=c.scale_dtype, factor=last["factor"])
     return r.qarray, float(r.losses.sum())
 
   bits = "/".join(sorted({f"W{c.bits}" for c in assignment.values()}))
