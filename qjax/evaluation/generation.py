@@ -7,7 +7,8 @@ callback). Both compile once per (batch, prompt length, cache length), not per n
 tokens: token ``j`` of a row (``j = 0`` from the prefill) uses the key ``fold_in(key(seed), j)``. Greedy when
 ``temperature == 0``; otherwise softmax sampling after temperature, top-k and top-p (the Hugging Face order).
 Prompts of different lengths are LEFT padded (positions count real tokens, so padding changes nothing). A row
-stops at its first stop token (EOS of the config and tokenizer by default). The cache comes from a factory
+stops at its first stop token (EOS of the config and tokenizer by default) or, given ``stop_strings``, as soon as
+its text contains one of them (checked on the host after every token, so that mode uses the host loop). The cache comes from a factory
 ``(config, batch, max_len, dtype) -> KVCache`` (default :meth:`KVCache.dense`), so caches whose layers implement
 ``update(k, v, index, positions, rope)`` (quantized KIVI/KVQuant caches) plug in unchanged.
 """
@@ -58,9 +59,10 @@ class Sampling:
 class GenerationResult:
   """One :meth:`Generator.generate` call.
 
-  ``tokens[i]``: the new token ids of prompt ``i``, ending with the stop token when one ended the row
-  (``finish_reasons[i] == "stop"``; else ``"length"``: ``max_new_tokens`` reached or the cache full).
-  ``texts[i]``: their text without the stop token (``None`` without a tokenizer). Timings exclude compilation:
+  ``tokens[i]``: the new token ids of prompt ``i``, ending with the stop token, or the token that completed a
+  stop string, when one ended the row (``finish_reasons[i] == "stop"``; else ``"length"``: ``max_new_tokens``
+  reached or the cache full). ``texts[i]``: their text without the stop token, cut before the first stop string
+  (``None`` without a tokenizer). Timings exclude compilation:
   ``prefill_seconds`` runs the prompts and samples the first token; ``decode_seconds`` covers ``decode_steps``
   batched steps of one token per row (and, with a callback, the callback's time).
   """
@@ -269,17 +271,22 @@ class Generator:
     return [int(t) for t in prompt]
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, *, max_len: int | None = None,
-               stop_tokens: Sequence[int] | None = None, seed: int = 0,
+               stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (), seed: int = 0,
                callback: Callback | None = None, pad_to: int | None = None) -> GenerationResult:
     """Continues every prompt (a string or token ids) by up to ``max_new_tokens`` tokens, in one batch.
 
     ``max_len``: cache slots (default: longest prompt + ``max_new_tokens``, capped at the model context).
-    ``stop_tokens``: ids that end a row (default :func:`eos_token_ids`; ``()``: never stop early). With
+    ``stop_tokens``: ids that end a row (default :func:`eos_token_ids`; ``()``: never stop early).
+    ``stop_strings``: texts that end a row once its text (:func:`completion_text`) contains one; needs the
+    tokenizer and decodes on the host after every token (what lm-eval's ``until`` asks for). With
     ``callback`` the host loop decodes and calls it after every token; without, one compiled while loop does.
     ``pad_to``: left-pad the prompts to at least this many tokens (padding takes cache slots, changes no
     result, and lets prompts of different lengths share one compiled prefill).
     """
     ids = [self.encode(p) for p in prompts]
+    stop_strings = [s for s in stop_strings if s]
+    if stop_strings and self.tokenizer is None:
+      raise ValueError("stop_strings need a tokenizer")
     if not all(ids):
       raise InputError("empty prompt: nothing to condition on")
     width = max([len(p) for p in ids] + [pad_to or 0])
@@ -298,16 +305,19 @@ class Generator:
     prefill_s = time.perf_counter() - t0 - (self.compile_seconds - compile0)
     compile1 = self.compile_seconds
     t0 = time.perf_counter()
-    if callback is None:
+    ended = np.full(len(ids), -1)                # column of the token that completed a stop string
+    if callback is None and not stop_strings:
       out, produced, _ = self._loop(self.params, first, cache, key, np.int32(n_new), stop)
       tokens = np.asarray(out)[:, :int(produced)]
     else:
-      tokens = self._host_loop(first, cache, key, n_new, stop, callback)
+      tokens = self._host_loop(first, cache, key, n_new, stop, callback,
+                               functools.partial(self._string_stops, ids, stop_strings, ended))
     decode_s = time.perf_counter() - t0 - (self.compile_seconds - compile1)
-    rows = [_cut(r, stop) for r in tokens]
+    rows = [_cut(r if e < 0 else r[:e + 1], stop, e >= 0) for r, e in zip(tokens, ended)]
     texts = None
     if self.tokenizer is not None:
-      texts = [completion_text(self.tokenizer, p, r[:-1] if why == "stop" else r) for p, (r, why) in zip(ids, rows)]
+      texts = [_cut_text(completion_text(self.tokenizer, p, r[:-1] if why == "stop" and e < 0 else r), stop_strings)
+               for p, (r, why), e in zip(ids, rows, ended)]
     return GenerationResult(
         tokens=[r for r, _ in rows], texts=texts, finish_reasons=[why for _, why in rows],
         prompt_lengths=[len(p) for p in ids], max_len=max_len, prefill_seconds=prefill_s, decode_seconds=decode_s,
@@ -318,9 +328,22 @@ class Generator:
   def compile_seconds(self) -> float:
     return self._prefill.seconds + self._step.seconds + self._loop.seconds
 
-  def _host_loop(self, first, cache, key, n_new, stop, callback) -> np.ndarray:
+  def _string_stops(self, ids, stop_strings, ended, j, cols, active) -> np.ndarray:
+    """Rows (``[b]`` bool) among ``active`` whose text after new token ``j`` contains a stop string; records
+    ``ended[row] = j`` for them."""
+    hit = np.zeros(len(ids), bool)
+    if not stop_strings:
+      return hit
+    for i in np.flatnonzero(active):
+      text = completion_text(self.tokenizer, ids[i], [int(c[i]) for c in cols])
+      if any(s in text for s in stop_strings):
+        hit[i], ended[i] = True, j
+    return hit
+
+  def _host_loop(self, first, cache, key, n_new, stop, callback, string_stops) -> np.ndarray:
     """Tokens ``[b, n]`` (``n <= n_new``), one compiled step per token. The next step is dispatched before the
-    current token is read back, so the host work overlaps the device; stopping costs one extra step."""
+    current token is read back, so the host work overlaps the device; stopping costs one extra step.
+    ``string_stops(j, cols, active) -> [b] bool`` ends rows on the host (stop strings)."""
     active = np.ones(first.shape[0], bool)
     cols, tok = [], first
     for j in range(n_new):
@@ -329,8 +352,10 @@ class Generator:
         nxt, cache = self._step(self.params, tok, cache, key, np.int32(j + 1))
       host = np.asarray(tok)
       cols.append(host)
-      callback(j, host, active.copy())
+      if callback is not None:
+        callback(j, host, active.copy())
       active &= ~np.isin(host, stop)
+      active &= ~string_stops(j, cols, active)
       if not active.any():
         break
       tok = nxt
@@ -344,9 +369,15 @@ def _stop_array(tokens: Sequence[int]) -> np.ndarray:
   return out
 
 
-def _cut(row: np.ndarray, stop: Sequence[int]) -> tuple[list[int], str]:
-  """A row's tokens up to and including its first stop token, and why it ended."""
+def _cut(row: np.ndarray, stop: Sequence[int], string_stop: bool = False) -> tuple[list[int], str]:
+  """A row's tokens up to and including its first stop token, and why it ended (``string_stop``: the row
+  already ends at the token that completed a stop string)."""
   hits = np.flatnonzero(np.isin(row, stop))
   if hits.size:
     return row[:hits[0] + 1].tolist(), "stop"
-  return row.tolist(), "length"
+  return row.tolist(), "stop" if string_stop else "length"
+
+
+def _cut_text(text: str, stop_strings: Sequence[str]) -> str:
+  """``text`` before the first occurrence of any of ``stop_strings``."""
+  return text[:min([text.index(s) for s in stop_strings if s in text], default=len(text))]

@@ -22,9 +22,10 @@ is the tail of the whole string's encoding; an empty context becomes the prefix 
 * ``loglikelihood_rolling``: the harness's rolling windows (``get_rolling_token_windows`` with the prefix token,
   ``max_length``, context 1, disjoint), each scored as above, summed per document.
 * ``generate_until``: greedy decoding through the KV-cache :class:`~qjax.evaluation.generation.Generator` (the
-  model's cache: dense or quantized), prompts left-truncated to leave room for ``max_gen_toks``, stopped at EOS;
-  the new tokens are decoded alone (special tokens skipped, as the ``hf`` model does) and cut at the first of the
-  request's ``until`` strings. Sampling arguments are refused (greedy only).
+  model's cache: dense or quantized), prompts left-truncated to leave room for ``max_gen_toks``, a row stopped at
+  EOS or as soon as its text holds one of the request's ``until`` strings (so GSM8K does not decode the whole
+  ``max_gen_toks`` budget); the new tokens are decoded alone (special tokens skipped, as the ``hf`` model does)
+  and cut at the first ``until`` string. Sampling arguments are refused (greedy only).
 """
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ class LM(TemplateLM):
         chunk = items[start:start + self.batch_size]
         prompts = [self.tok_encode(c)[-room:] or [self.prefix_token_id] for _, c in chunk]
         width = bucket(max(map(len, prompts)), room)
-        res = self.generator.generate(prompts, budget, max_len=width + budget, pad_to=width)
+        res = self.generator.generate(prompts, budget, max_len=width + budget, pad_to=width, stop_strings=until)
         for (i, context), toks in zip(chunk, res.tokens):
           text = self.tok_decode(toks)           # the new tokens alone, as the hf model decodes them
           for stop in until:

@@ -228,6 +228,26 @@ def test_stop_tokens_end_rows(greedy, sampled):
   assert generation.eos_token_ids(greedy.model.config, greedy.tokenizer) == (2,)
 
 
+def test_stop_strings_end_rows_as_soon_as_their_text_holds_one(greedy):
+  """Each row stops at the token that completes a stop string (the tokens are a prefix of the unstopped run and
+  its text is cut before the string); a row without the string runs to the length limit."""
+  full = greedy.generate(PROMPTS, 24, max_len=MAX_LEN, stop_tokens=())
+  text = full.texts[0]
+  stop = text[len(text) // 3:len(text) // 3 + 3]          # a string that first appears mid-way in row 0
+  r = greedy.generate(PROMPTS, 24, max_len=MAX_LEN, stop_tokens=(), stop_strings=[stop, "never-seen"])
+  for i, (row, f) in enumerate(zip(r.tokens, full.tokens)):
+    assert row == f[:len(row)]
+    if stop in full.texts[i]:
+      assert r.finish_reasons[i] == "stop" and r.texts[i] == full.texts[i][:full.texts[i].index(stop)]
+      prefix = generation.completion_text(greedy.tokenizer, greedy.encode(PROMPTS[i]), row[:-1])
+      assert stop not in prefix                           # it ended at the first token that completed the string
+    else:
+      assert r.finish_reasons[i] == "length" and row == f
+  assert r.finish_reasons[0] == "stop" and len(r.tokens[0]) < len(full.tokens[0])
+  with pytest.raises(ValueError, match="tokenizer"):
+    generation.Generator(greedy.model, greedy.params).generate([[1, 2]], 4, stop_strings=["x"])
+
+
 def test_lengths_are_planned_and_checked():
   assert generation.plan_lengths(10, 128, 512) == (138, 128)
   assert generation.plan_lengths(500, 128, 512) == (512, 12)  # capped at the context
