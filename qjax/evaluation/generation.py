@@ -277,8 +277,9 @@ class Generator:
 
     ``max_len``: cache slots (default: longest prompt + ``max_new_tokens``, capped at the model context).
     ``stop_tokens``: ids that end a row (default :func:`eos_token_ids`; ``()``: never stop early).
-    ``stop_strings``: texts that end a row once its text (:func:`completion_text`) contains one; needs the
-    tokenizer and decodes on the host after every token (what lm-eval's ``until`` asks for). With
+    ``stop_strings``: texts that end a row once the text of its new tokens, decoded alone (special tokens
+    skipped, as lm-eval's ``hf`` model cuts its ``until``), contains one; needs the tokenizer and decodes on the
+    host after every token (the new tokens only, never the prompt). With
     ``callback`` the host loop decodes and calls it after every token; without, one compiled while loop does.
     ``pad_to``: left-pad the prompts to at least this many tokens (padding takes cache slots, changes no
     result, and lets prompts of different lengths share one compiled prefill).
@@ -311,7 +312,7 @@ class Generator:
       tokens = np.asarray(out)[:, :int(produced)]
     else:
       tokens = self._host_loop(first, cache, key, n_new, stop, callback,
-                               functools.partial(self._string_stops, ids, stop_strings, ended))
+                               functools.partial(self._string_stops, stop_strings, ended))
     decode_s = time.perf_counter() - t0 - (self.compile_seconds - compile1)
     rows = [_cut(r if e < 0 else r[:e + 1], stop, e >= 0) for r, e in zip(tokens, ended)]
     texts = None
@@ -328,14 +329,14 @@ class Generator:
   def compile_seconds(self) -> float:
     return self._prefill.seconds + self._step.seconds + self._loop.seconds
 
-  def _string_stops(self, ids, stop_strings, ended, j, cols, active) -> np.ndarray:
-    """Rows (``[b]`` bool) among ``active`` whose text after new token ``j`` contains a stop string; records
-    ``ended[row] = j`` for them."""
-    hit = np.zeros(len(ids), bool)
+  def _string_stops(self, stop_strings, ended, j, cols, active) -> np.ndarray:
+    """Rows (``[b]`` bool) among ``active`` whose new tokens' text after token ``j`` contains a stop string;
+    records ``ended[row] = j`` for them."""
+    hit = np.zeros(len(ended), bool)
     if not stop_strings:
       return hit
     for i in np.flatnonzero(active):
-      text = completion_text(self.tokenizer, ids[i], [int(c[i]) for c in cols])
+      text = self.tokenizer.decode([int(c[i]) for c in cols], skip_special_tokens=True)
       if any(s in text for s in stop_strings):
         hit[i], ended[i] = True, j
     return hit
