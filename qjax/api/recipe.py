@@ -143,9 +143,12 @@ class Recipe:
 
 
 def _config_dict(cfg) -> dict:
-  """A config's fields that differ from their defaults, JSON-able (tuples as lists, infinities as "inf");
-  ``targets`` is left out (a recipe's rules decide the paths)."""
+  """A config's fields that differ from their defaults, JSON-able (tuples as lists, infinities as "inf", a
+  nested config such as a QAT method's ``train`` as its own dict); ``targets`` is left out (a recipe's rules
+  decide the paths)."""
   def enc(v):
+    if dataclasses.is_dataclass(v):
+      return _config_dict(v)
     if isinstance(v, float) and math.isinf(v):
       return "inf" if v > 0 else "-inf"
     return list(v) if isinstance(v, tuple) else v
@@ -164,7 +167,9 @@ def _config_from(cls, d, where: str):
   kw = {}
   for k, v in d.items():
     hint = str(hints.get(k, ""))
-    if isinstance(v, list) and "tuple" in hint:
+    if dataclasses.is_dataclass(hints.get(k)):
+      v = _config_from(hints[k], v, f"{where}.{k}")
+    elif isinstance(v, list) and "tuple" in hint:
       v = tuple(v)
     elif v in ("inf", "-inf") and "float" in hint:
       v = float(v)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.calibration import training
 from qjax.calibration.memory import activation_bytes, check_memory_budget, peak_host_bytes
 from qjax.calibration.reports import CalibrationReport, LayerReport
 from qjax.core import tree
@@ -54,6 +55,12 @@ class Calibration:
     """:func:`quantize_layerwise` over these windows."""
     return quantize_layerwise(params, self, quantize_linear, targets=targets, true_sequential=true_sequential,
                               progress=progress, desc=desc)
+
+  def train(self, loss_fn, params, config, *, frozen=None, activation_bytes: int = 0, progress: bool = True,
+            desc: str = "train"):
+    """:func:`qjax.calibration.training.train` on these windows (the quantization-aware methods' trainer)."""
+    return training.train(loss_fn, params, self.windows, config, frozen=frozen, activation_bytes=activation_bytes,
+                          progress=progress, desc=desc)
 
 
 LayerFn = Callable[[int, str, dict, jax.Array], tuple[dict, dict[str, float]]]

@@ -16,14 +16,15 @@ def activation_bytes(model: CausalLM, nsamples: int, seqlen: int) -> int:
 def check_memory_budget(model: CausalLM, nsamples: int, seqlen: int):
   """Fails up front when the held activations would not fit in available host memory."""
   need = activation_bytes(model, nsamples, seqlen)
-  avail = _available_bytes()
+  avail = available_bytes()
   if avail is not None and need > 0.8 * avail:
     raise InputError(f"calibration needs {need / 2**30:.1f} GiB for activations ({nsamples} samples x {seqlen} "
                      f"tokens x {model.config.hidden_size} x 4 bytes x 2), more than 80% of the "
                      f"{avail / 2**30:.1f} GiB available: lower --nsamples or --calib-seqlen")
 
 
-def _available_bytes():
+def available_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
   try:
     for line in open("/proc/meminfo"):
       if line.startswith("MemAvailable:"):

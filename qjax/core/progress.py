@@ -14,6 +14,7 @@ class _LogBar:
 
   def __init__(self, iterable, desc: str, total: int | None):
     self.iterable, self.desc, self.n, self.start, self.closed = iterable, desc, 0, time.perf_counter(), False
+    self.postfix = ""
     self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
 
   def __iter__(self):
@@ -25,11 +26,16 @@ class _LogBar:
   def update(self, n: int = 1):
     self.n += n
 
+  def set_postfix(self, **values):
+    """The latest values (e.g. a loss), printed on the closing line."""
+    self.postfix = ", " + ", ".join(f"{k}={v}" for k, v in values.items())
+
   def close(self):
     if not self.closed:
       self.closed = True
       of = f"/{self.total}" if self.total is not None else ""
-      print(f"{self.desc}: {self.n}{of} in {time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
+      print(f"{self.desc}: {self.n}{of} in {time.perf_counter() - self.start:.1f} s{self.postfix}", file=sys.stderr,
+            flush=True)
 
 
 def bar(iterable=None, *, desc: str, total: int | None = None, enabled: bool = True):
