@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,10 +57,11 @@ class TrainReport:
 
 
 def schedule(config: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0 to ``lr`` over ``warmup`` steps, then a cosine to ``lr * final_lr_ratio``."""
-  if config.warmup == config.steps:
+  """Linear warmup from 0 to ``lr`` over ``min(warmup, steps)`` steps, then a cosine to ``lr * final_lr_ratio``."""
+  warmup = min(config.warmup, config.steps)
+  if warmup == config.steps:
     return optax.linear_schedule(0.0, config.lr, config.steps)
-  return optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup, config.steps,
+  return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, config.steps,
                                             end_value=config.lr * config.final_lr_ratio)
 
 
@@ -177,6 +179,9 @@ def train(loss_fn: LossFn, params, windows: np.ndarray, config: TrainConfig, *, 
   n, seqlen = windows.shape
   estimate = memory_estimate(params, frozen, activation_bytes)
   check_memory(estimate, config)
+  if progress:
+    print(f"{desc}: memory estimate {estimate['total'] / 2**30:.2f} GiB (" + ", ".join(
+        f"{k} {v / 2**20:.1f} MiB" for k, v in estimate.items() if k != "total") + ")", file=sys.stderr)
   opt, lr = optimizer(config), schedule(config)
   state = {"params": jax.tree.map(jnp.array, params), "opt_state": opt.init(params)}
   ckpt = _Checkpoints(config.checkpoint_dir, _fingerprint(params, windows, config)) if config.checkpoint_dir \
@@ -217,6 +222,7 @@ def train(loss_fn: LossFn, params, windows: np.ndarray, config: TrainConfig, *, 
       ckpt.close()
     if log is not None:
       log.close()
+      plot_losses(records, Path(config.log_path).with_suffix(".png"))
   seconds = time.perf_counter() - t_run
   ran = config.steps - start
   rate = ran * tokens_per_step / max(seconds - compiled.seconds, 1e-9) if ran else 0.0
@@ -235,3 +241,18 @@ def _open_log(path, records):
   for r in records:
     f.write(json.dumps(r) + "\n")
   return f
+
+
+def plot_losses(records: list[dict], path: Path):
+  """The loss curve of ``records`` (the log's lines) as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

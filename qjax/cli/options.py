@@ -22,19 +22,33 @@ class _Use:
   type: object
 
 
+def _fields(cls, defaults=None):
+  """``(field path, Flag, default, type hint)`` of every flag of config type ``cls``, in field order, including the
+  flags of a nested config field (a QAT method's ``train``: path ``("train", "steps")``, its default taken from
+  the outer config's default instance)."""
+  hints = typing.get_type_hints(cls)
+  fields = flags(cls)
+  for f in dataclasses.fields(cls):
+    default = f.default if defaults is None else getattr(defaults, f.name)
+    if f.name in fields:
+      yield (f.name,), fields[f.name], default, hints[f.name]
+    elif dataclasses.is_dataclass(hints[f.name]) and flags(hints[f.name]):
+      for path, fl, d, hint in _fields(hints[f.name], default):
+        yield (f.name, *path), fl, d, hint
+
+
 def _table(configs: dict[str, type]) -> dict[str, tuple[Flag, list[_Use]]]:
   """``{flag name: (Flag, [uses])}`` over ``{method name: config type}``, in declaration order."""
   table: dict[str, tuple[Flag, list[_Use]]] = {}
   for method, cls in configs.items():
-    hints = typing.get_type_hints(cls)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for field, fl in flags(cls).items():
+    for path, fl, default, hint in _fields(cls):
       if fl.external:
         continue
       known, uses = table.setdefault(fl.name, (fl, []))
       if known != fl:
-        raise ValueError(f"{fl.name} is declared twice with different settings ({method}.{field}): share one Flag")
-      uses.append(_Use(method, field, defaults[field], hints[field]))
+        raise ValueError(f"{fl.name} is declared twice with different settings ({method}.{'.'.join(path)}): share "
+                         f"one Flag")
+      uses.append(_Use(method, ".".join(path), default, hint))
   return table
 
 
@@ -81,8 +95,17 @@ def add_flags(parser: argparse.ArgumentParser, configs: dict[str, type], selecto
 
 
 def given_values(config_type, args, given: frozenset[str]) -> dict:
-  """``{field: value}`` of the flags of ``config_type`` the user gave (``given``: destinations set)."""
-  return {field: getattr(args, fl.dest) for field, fl in flags(config_type).items() if fl.dest in given}
+  """``{field: value}`` of the flags of ``config_type`` the user gave (``given``: destinations set); a nested
+  config field with any flag given is its default instance with those fields replaced."""
+  out, nested = {}, {}
+  for path, fl, _, _ in _fields(config_type):
+    if fl.dest in given:
+      if len(path) == 1:
+        out[path[0]] = getattr(args, fl.dest)
+      else:
+        nested.setdefault(path[0], {})[path[1]] = getattr(args, fl.dest)
+  defaults = {f.name: f.default for f in dataclasses.fields(config_type)}
+  return {**out, **{k: dataclasses.replace(defaults[k], **v) for k, v in nested.items()}}
 
 
 def build(config_type, args, given: frozenset[str]):
@@ -91,7 +114,7 @@ def build(config_type, args, given: frozenset[str]):
   try:
     return config_type(**given_values(config_type, args, given))
   except (InputError, ValueError) as e:
-    shown = " ".join(f"{fl.name} {_show(getattr(args, fl.dest))}" for fl in flags(config_type).values()
+    shown = " ".join(f"{fl.name} {_show(getattr(args, fl.dest))}" for _, fl, _, _ in _fields(config_type)
                      if fl.dest in given)
     raise InputError(f"{e} (given: {shown})" if shown else str(e)) from None
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from qjax import api
+from qjax.calibration.training import TrainReport
 from qjax.cli import activations as act_cli
 from qjax.cli import common as cli
 from qjax.cli import kv as kv_cli
@@ -212,7 +213,8 @@ def run(argv=None) -> int:
                           "layers": [{"layer": l.layer, **l.linear_losses} for l in q.smooth_report.layers]}
   if q.report is not None:
     windows = q.calibration.windows.shape
-    out["calibration"] = {"nsamples": int(windows[0]), "seqlen": int(windows[1]), **q.report.to_dict()}
+    part = "training" if isinstance(q.report, TrainReport) else "calibration"
+    out[part] = {"nsamples": int(windows[0]), "seqlen": int(windows[1]), **q.report.to_dict()}
   _print_summary(out, results, baseline, recipe.label(q, args), {p for _, p in model.family.linears})
   if args.json:
     cli.write_json(args.json, out)
@@ -264,6 +266,17 @@ def _export_gptq(args, recipe_, qparams, source_dir):
 def _print_summary(out, results, baseline, method, linears):
   """Tables: per-layer calibration (linear losses summed; other per-layer figures, e.g. AWQ's alpha or LKD's
   MSE, one column each), perplexity, size and paths."""
+  if "training" in out:
+    t = out["training"]
+    mem = t["memory"]
+    print(cli.format_table(["steps", "windows", "first loss", "last loss", "tokens", "train tok/s", "seconds",
+                            "compile s", "est. memory GiB", "peak host GiB"], [[
+        len(t["losses"]), f"{t['nsamples']} x {t['seqlen']}", f"{t['losses'][0]:.4f}", f"{t['losses'][-1]:.4f}",
+        f"{t['tokens']:,}", f"{t['tokens_per_second']:,.0f}", f"{t['seconds']:.1f}", f"{t['compile_seconds']:.1f}",
+        f"{mem['total'] / 2**30:.2f}", f"{t['peak_host_bytes'] / 2**30:.2f}"]]))
+    if t["resumed_from"]:
+      print(f"resumed from step {t['resumed_from']}")
+    print()
   if "calibration" in out:
     c = out["calibration"]
     keys = {k for l in c["layers"] for k in l["linear_losses"]}

@@ -84,3 +84,13 @@ def test_gptq_static_groups_default_follows_act_order_and_groups():
   assert not GPTQConfig(group_size=32, act_order=False).static_groups
   assert not GPTQConfig().static_groups
   assert not GPTQConfig(group_size=32, static_groups=False).static_groups
+
+
+def test_a_nested_train_config_takes_its_flags():
+  from qjax.methods.qat.peqa import PEQAConfig
+  args, given = _parse(["--method", "peqa", "--train-steps", "7", "--train-lr", "0.01", "--seed", "3"])
+  cfg = options.build(PEQAConfig, args, given)
+  assert cfg == PEQAConfig(train=dataclasses.replace(PEQAConfig().train, steps=7, lr=0.01, seed=3))
+  args, given = _parse(["--method", "peqa", "--train-steps", "0"])
+  with pytest.raises(InputError, match=r"steps must be a positive integer, got 0 \(given: --train-steps 0\)"):
+    options.build(PEQAConfig, args, given)

@@ -94,7 +94,7 @@ def test_window_order_visits_every_window_once_per_epoch():
   np.testing.assert_array_equal(training.window_order(2, 9, cfg), training.window_order(2, 9, cfg))
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(steps=0), "steps"), (dict(warmup=200), "warmup"),
+@pytest.mark.parametrize("kw,msg", [(dict(steps=0), "steps"), (dict(warmup=-1), "warmup"),
                                     (dict(checkpoint_every=5), "checkpoint_dir"), (dict(lr=0.0), "learning rate")])
 def test_train_config_validates_itself(kw, msg):
   with pytest.raises(InputError, match=msg):
