@@ -82,11 +82,11 @@ def validate(args, weight_config=None):
 
 def act_config(args, method_config=None, saved: dict | None = None) -> ActQuantConfig:
   """The activation quantizer: from the flags, or the one saved with a loaded checkpoint when ``--abits`` is not
-  given. ZeroQuant runs with the quantizer its distillation trained with (``ZeroQuantConfig.act_config``:
-  DeepSpeed's symmetric absmax levels per token)."""
+  given. A method that trains with its own activation quantizers runs with them (its config's ``act_config``:
+  ZeroQuant's DeepSpeed symmetric absmax levels per token, LLM-QAT's activation and KV-cache bits)."""
   if args.abits == 16 and saved:
     return ActQuantConfig(**saved)
-  if args.method == "zeroquant":
+  if hasattr(method_config, "act_config"):   # methods that train with their own quantizers (ZeroQuant, LLM-QAT)
     return method_config.act_config()
   return ActQuantConfig(bits=args.abits, sym=args.sym_act, group_size=args.act_groupsize,
                         attention_matmuls=args.quantize_attention_matmuls)
@@ -107,4 +107,8 @@ def describe(act: ActQuantConfig, method: str = "none") -> str:
     return "float (not quantized)"
   ranges = "per-token" if act.group_size == -1 else f"per {act.group_size} channels"
   kind = "sym absmax" if act.scheme == "absmax" else "sym" if act.sym else "asym"
-  return f"{act.bits}-bit {ranges} {kind}, dynamic" + ("; + attention matmuls" if act.attention_matmuls else "")
+  kv = f"KV cache {act.kv_bits}-bit per token {kind}" if act.kv_bits < 16 else ""
+  if act.bits == 16:
+    return f"linear inputs float; {kv}"
+  return (f"{act.bits}-bit {ranges} {kind}, dynamic" + ("; + attention matmuls" if act.attention_matmuls else "")
+          + (f"; {kv}" if kv else ""))

@@ -114,12 +114,18 @@ def load_model(args):
   return model, params, {"method": {"name": "hf-gptq", "config": config}, "loaded": "HF GPTQ checkpoint"}
 
 
+GENERATED = "generated"   # --calib-dataset: the float model's own text (qjax.evaluation.data_free)
+
+
 def calibration_text(args) -> Path:
   """``--calib-text``, else the named calibration text: ``--calib-dataset``, else the calibration text paired with
   the first named evaluation text (never the evaluation text itself), else TinyStories'."""
   if getattr(args, "calib_text", None):
     return Path(args.calib_text)
   name = getattr(args, "calib_dataset", None)
+  if name == GENERATED:
+    raise InputError("--calib-dataset generated (the model's own text) trains and calibrates weight methods; this "
+                     "step reads a calibration text: give --calib-text or a named --calib-dataset")
   if name is None:
     named = [n.strip() for n in (getattr(args, "ppl_datasets", None) or "").split(",")]
     name = next((n for n in named if n in assets.CALIB_DATASETS), "tinystories")

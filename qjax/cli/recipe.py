@@ -124,7 +124,8 @@ def apply(args, given: frozenset[str], model: CausalLM, params, meta: dict | Non
     kv_cfg = None if kv_method == "none" else kv_cli.config(kv_method, args, given)
   recipe = from_flags(args, given, model, meta, kv_cfg)
   method_cli.validate_for_model(model, params, recipe)
-  calib = method_cli.calibration_data(args, model, tokenizer, args.seed) if recipe.needs_calibration else None
+  calib = (method_cli.calibration_data(args, model, params, tokenizer, args.seed, progress)
+           if recipe.needs_calibration else None)
   kv_data = None
   if isinstance(recipe.kv, kvquant.KVQuantConfig):
     kv_data = (kvquant.KVQuantCalibration.from_dict(kv_calibration) if kv_calibration is not None
@@ -147,7 +148,8 @@ def label(run: Run, args) -> str:
   if not bits:
     bits = [cfg["bits"]] if cfg.get("bits") else []
   w = "/".join(map(str, bits)) or (f"{cfg['bits_mlp']}/{cfg['bits_attn']}" if "bits_mlp" in cfg else "")
-  wa = (f"W{w}" if w else "") + (f"A{run.act.bits}" if run.act.enabled else "")
+  wa = ((f"W{w}" if w else "") + (f"A{run.act.bits}" if run.act.bits < 16 else "")
+        + (f"KV{run.act.kv_bits}" if run.act.kv_bits < 16 else ""))
   text = f"{name} {wa}" if wa else name
   text = text if run.kv is None else f"{text} + {run.kv.name} KV"
   return f"{text} (loaded)" if run.loaded else text

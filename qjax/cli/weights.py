@@ -9,10 +9,12 @@ from pathlib import Path
 
 from qjax import api
 from qjax.calibration import Calibration, calibration_windows
+from qjax.calibration.memory import check_memory_budget
 from qjax.cli import common as cli
 from qjax.cli import options
 from qjax.core import tree
 from qjax.core.errors import InputError
+from qjax.evaluation import data_free
 from qjax.io import assets
 from qjax.io import text as data
 from qjax.methods import registry, scaling
@@ -31,9 +33,11 @@ def add_args(p: argparse.ArgumentParser):
   c = p.add_argument_group("calibration (calibrated methods, --zq-lkd, --smoothquant, --kv-method kvquant)")
   src = c.add_mutually_exclusive_group()
   src.add_argument("--calib-text", help="calibration text file")
-  src.add_argument("--calib-dataset", choices=tuple(assets.CALIB_DATASETS),
+  src.add_argument("--calib-dataset", choices=(*assets.CALIB_DATASETS, cli.GENERATED),
                    help="named calibration text (default: the one paired with the first named --ppl-datasets "
-                        "text, e.g. WikiText-2 validation for wikitext2; else tinystories)")
+                        "text, e.g. WikiText-2 validation for wikitext2; else tinystories); generated: data-free, "
+                        "--nsamples windows of the float model's own text (LLM-QAT: a random first token, 3 "
+                        "greedy, then sampled; seeded by --seed)")
   c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
   c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 2048 capped at the model context)")
   c.add_argument("--layer-report", action="store_true",
@@ -82,7 +86,8 @@ def validate(args, cfg):
     raise InputError(f"--calib-seqlen must be at least 2, got {args.calib_seqlen}")
   if args.calib_text and not Path(args.calib_text).is_file():
     raise InputError(f"--calib-text file {args.calib_text} does not exist")
-  cli.calibration_text(args)
+  if args.calib_dataset != cli.GENERATED:
+    cli.calibration_text(args)
 
 
 def validate_for_model(model, params, recipe):
@@ -112,10 +117,16 @@ def validate_for_model(model, params, recipe):
                            f"{flat[p].shape[0]} of {p}")
 
 
-def calibration_data(args, model, tokenizer, seed: int) -> Calibration:
+def calibration_data(args, model, params, tokenizer, seed: int, progress: bool = True) -> Calibration:
+  """The calibration (or training) windows of the flags: ``--nsamples`` seeded windows of ``--calib-seqlen``
+  tokens of the calibration text, or, with ``--calib-dataset generated``, of the float model's own text."""
   seqlen = args.calib_seqlen or min(2048, model.config.max_position_embeddings)
   if seqlen > model.config.max_position_embeddings:
     raise InputError(f"--calib-seqlen {seqlen} exceeds the model context ({model.config.max_position_embeddings})")
+  if args.calib_dataset == cli.GENERATED:
+    check_memory_budget(model, args.nsamples, seqlen)
+    windows = data_free.generated_windows(model, params, args.nsamples, seqlen, seed=seed, progress=progress)
+    return Calibration(model, windows, args.layer_report)
   path = cli.calibration_text(args)
   tokens = data.tokenize(tokenizer, data.read_text(path))
   if len(tokens) < seqlen + 1:

@@ -103,26 +103,35 @@ class TokenQuantizer:
 @dataclasses.dataclass(frozen=True)
 class ActQuantConfig:
   """Model-wide activation quantization: ``bits`` (16 = off), symmetric or not, ``group_size`` channels per
-  range for linear inputs (-1 = per token), ``attention_matmuls`` to also quantize Q, K, P and V."""
+  range for linear inputs (-1 = per token), ``attention_matmuls`` to also quantize Q, K, P and V; ``kv_bits``
+  (16 = off) quantizes only the keys and values attention reads (the KV cache: per token and head, after RoPE,
+  as LLM-QAT's KV quantization; with ``attention_matmuls`` they take ``kv_bits`` instead of ``bits``)."""
   bits: int = 16
   sym: bool = False
   group_size: int = -1
   attention_matmuls: bool = False
   scheme: str = "minmax"
+  kv_bits: int = 16
+
+  def __post_init__(self):
+    for name in ("bits", "kv_bits"):
+      v = getattr(self, name)
+      if v != 16 and not 2 <= v <= 8:
+        raise ValueError(f"activation {name} must be between 2 and 8 (or 16 for none), got {v}")
 
   @property
   def enabled(self) -> bool:
-    return self.bits < 16
+    return self.bits < 16 or self.kv_bits < 16
 
   def linear_quantizer(self) -> TokenQuantizer:
     return TokenQuantizer(self.bits, self.sym, self.group_size, self.scheme)
 
   def hooks(self) -> ActivationHooks:
     """The model's :class:`ActivationHooks` (all ``None`` when disabled)."""
-    if not self.enabled:
-      return ActivationHooks()
-    if not self.attention_matmuls:
-      return ActivationHooks(linear_input=self.linear_quantizer())
+    linear = self.linear_quantizer() if self.bits < 16 else None
+    kv = TokenQuantizer(self.kv_bits, self.sym, -1, self.scheme) if self.kv_bits < 16 else None
+    if not (self.attention_matmuls and self.bits < 16):
+      return ActivationHooks(linear_input=linear, attn_k=kv, attn_v=kv)
     per_token = TokenQuantizer(self.bits, self.sym, -1, self.scheme)
-    return ActivationHooks(linear_input=self.linear_quantizer(), attn_q=per_token, attn_k=per_token,
-                           attn_probs=per_token, attn_v=per_token)
+    return ActivationHooks(linear_input=linear, attn_q=per_token, attn_k=kv or per_token, attn_probs=per_token,
+                           attn_v=kv or per_token)
