@@ -17,10 +17,13 @@ from qjax.cli import activations as act_cli
 from qjax.cli import common as cli
 from qjax.cli import kv as kv_cli
 from qjax.cli import recipe
+from qjax.core import tree
 from qjax.core.errors import InputError
+from qjax.core.formats.nf4 import NF4LoRAArray
 from qjax.evaluation import kernel_paths, perplexity, size, tasks
-from qjax.io import assets, checkpoint, gguf_export, hf_gptq, quantized
+from qjax.io import assets, checkpoint, gguf_export, hf_gptq, lora_adapters, quantized
 from qjax.io import text as data
+from qjax.methods.qat import qlora
 from qjax.methods.weights import gptq, spqr
 
 PROG = "python -m qjax.quantize"
@@ -57,8 +60,11 @@ def build_parser() -> cli.Parser:
                       "qjax's codes, other tensors dense")
   p.add_argument("--gguf-dense-type", default="F16", choices=("F16", "F32"),
                  help="GGUF type of the tensors no block type holds (default F16; norms are always F32)")
+  p.add_argument("--save-adapters", metavar="DIR",
+                 help="also write the LoRA adapters alone, PEFT layout (adapter_config.json + "
+                      "adapter_model.safetensors); --method qlora")
   p.add_argument("--overwrite", action="store_true",
-                 help="allow --save/--json/--export-* to replace existing paths")
+                 help="allow --save/--json/--export-*/--save-adapters to replace existing paths")
   p.add_argument("--json", help="write the results as JSON to this file")
   p.add_argument("--no-progress", action="store_true", help="hide progress bars")
   return p
@@ -116,6 +122,10 @@ def _validate(args, given):
   cli.check_scopes(given, [(("gguf_dense_type",), bool(args.export_gguf), "--export-gguf FILE")])
   if args.json:
     checkpoint.check_destination(args.json, args.overwrite, "--json file")
+  if args.save_adapters:
+    if args.method != "qlora":
+      raise InputError("--save-adapters writes QLoRA's adapters: it needs --method qlora")
+    checkpoint.check_destination(args.save_adapters, args.overwrite, "--save-adapters folder")
   for flag, dest in (("--analyze-stats", args.analyze_stats), ("--layerwise-distance", args.layerwise_distance)):
     if dest:
       checkpoint.check_destination(dest, args.overwrite, f"{flag} folder")
@@ -168,6 +178,9 @@ def run(argv=None) -> int:
   gguf_out = (gguf_export.export_gguf(args.export_gguf, qparams, model, source=cli.model_source(args),
                                       overwrite=args.overwrite, dense_type=args.gguf_dense_type)
               if args.export_gguf else None)
+  adapters = (lora_adapters.save_adapters(args.save_adapters, qparams, dropout=q.recipe.weights[0].config.dropout,
+                                          base_model=str(source_dir), overwrite=args.overwrite)
+              if args.save_adapters else None)
   rep = size.size_report(qparams)
   paths = kernel_paths.linear_paths(model, qparams, act.hooks().linear_input)
   head = kernel_paths.head_path(model, qparams)
@@ -203,6 +216,10 @@ def run(argv=None) -> int:
     out["export_gptq"] = exported
   if gguf_out is not None:
     out["export_gguf"] = gguf_out
+  if adapters is not None:
+    out["adapters"] = adapters
+  if any(isinstance(v, NF4LoRAArray) for v in tree.flatten(qparams).values()):
+    out["finetune_memory"] = qlora.memory_table(q.float_params, qparams)
   if q.kv is not None:
     out["kv_cache"] = {**q.kv.to_dict(), "describe": q.kv.describe(),
                        "semantics": "quantized past: each position attends to what the quantized cache holds when "
@@ -319,6 +336,18 @@ def _print_summary(out, results, baseline, method, linears):
     print("\n".join(hf_gptq.summary_lines(out["export_gptq"])) + "\n")
   if "export_gguf" in out:
     print(gguf_export.summary_line(out["export_gguf"]) + "\n")
+  if "finetune_memory" in out:
+    m = out["finetune_memory"]
+    print("fine-tuning memory (bytes; 16-bit weights and gradients, Adam: fp32 master + 2 moments per trainable "
+          "parameter)")
+    print(cli.format_table(["", "weights", "gradients", "optimizer", "total", "trainable params"], [
+        [k, f"{v['weights']:,}", f"{v['gradients']:,}", f"{v['optimizer']:,}", f"{v['total']:,}",
+         f"{v['trainable']:,} ({v['trainable'] / v['params']:.2%})"] for k, v in m.items()]))
+    print()
+  if "adapters" in out:
+    a = out["adapters"]
+    print(f"LoRA adapters: {a['adapters']} ({a['parameters']:,} parameters, {a['bytes'] / 2**20:.2f} MiB) -> "
+          f"{a['path']}\n")
   print(cli.format_table(["model", "value"], [
       ["method", method],
       ["activations", out["config"]["activations"]],

@@ -1,18 +1,19 @@
 """``python -m qjax.quantize --method peqa`` end to end on stories260K: the training table and JSON, the loss log
 and its PNG, and a second run on the same checkpoint folder resuming instead of training again."""
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
 
-COMMON = ["--method", "peqa", "--wbits", "3", "--groupsize", "32", "--nsamples", "8", "--calib-seqlen", "64",
-          "--seqlen", "64", "--eval-nsamples", "4", "--no-progress", "--train-steps", "6", "--train-warmup", "1",
-          "--train-lr", "1e-3", "--train-batch-size", "2"]
+SMALL = ["--nsamples", "8", "--calib-seqlen", "64", "--seqlen", "64", "--eval-nsamples", "4", "--no-progress",
+         "--train-warmup", "1", "--train-batch-size", "2"]
+PEQA = ["--method", "peqa", "--wbits", "3", "--groupsize", "32", "--train-steps", "6", "--train-lr", "1e-3"]
 
 
-def _run(*args):
+def _run(*args, common=(*SMALL, *PEQA)):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-  return subprocess.run([sys.executable, "-m", "qjax.quantize", *COMMON, *map(str, args)], env=env,
+  return subprocess.run([sys.executable, "-m", "qjax.quantize", *common, *map(str, args)], env=env,
                         capture_output=True, text=True, timeout=600)
 
 
@@ -40,3 +41,27 @@ def test_bad_training_flags_are_one_line_errors(tmp_path):
   assert len(r.stderr.strip().splitlines()) == 1 and "steps must be a positive integer" in r.stderr
   assert "--train-steps 0" in r.stderr
   assert not (tmp_path / "x.json").exists()
+
+
+def _run_method(*args):
+  return _run("--train-steps", "4", *args, common=SMALL)
+
+
+def test_llm_qat_on_generated_text_and_qlora_with_its_adapters(tmp_path):
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    qat = pool.submit(_run_method, "--method", "llm_qat", "--wbits", "4", "--abits", "8", "--qat-kv-bits", "4",
+                      "--calib-dataset", "generated", "--json", tmp_path / "qat.json")
+    ql = pool.submit(_run_method, "--method", "qlora", "--lora-rank", "4", "--save-adapters", tmp_path / "ad",
+                     "--json", tmp_path / "ql.json")
+    r1, r2 = qat.result(), ql.result()
+  assert r1.returncode == 0, r1.stderr
+  out = json.loads((tmp_path / "qat.json").read_text())
+  assert out["config"]["activations"] == "8-bit per-token sym, dynamic; KV cache 4-bit per token sym"
+  assert out["training"]["nsamples"] == 8 and "llm_qat W4A8KV4 ppl" in r1.stdout
+  assert r2.returncode == 0, r2.stderr
+  out2 = json.loads((tmp_path / "ql.json").read_text())
+  assert out2["adapters"]["adapters"] == 35 and (tmp_path / "ad" / "adapter_config.json").is_file()
+  m = out2["finetune_memory"]
+  assert m["qlora"]["total"] < m["16-bit"]["total"] and "fine-tuning memory" in r2.stdout
+  bad = _run("--method", "rtn", "--save-adapters", tmp_path / "x", common=())
+  assert bad.returncode == 2 and "needs --method qlora" in bad.stderr and not (tmp_path / "x").exists()

@@ -156,3 +156,23 @@ class NF4Array(QuantizedTensor):
     codes = packing.unpack(self.codes, bits=4, n=self.num_blocks * self.block_size)
     w = jnp.asarray(NF4_LEVELS)[codes].reshape(self.num_blocks, self.block_size) * self.block_absmax()[:, None]
     return w.reshape(-1)[:self.size].reshape(self.shape).astype(self.dtype)
+
+
+@register_quantized
+class NF4LoRAArray(NF4Array):
+  """An NF4 weight with its LoRA adapter beside it, unmerged (QLoRA's result): ``W = NF4(W0) + lora_scale B A``
+  with float32 ``lora_a [r, in]`` and ``lora_b [out, r]`` and the static ``lora_scale = alpha / r``.
+  :meth:`dequantize` is the merged matrix, :meth:`base` the frozen NF4 part."""
+  lora_a: jax.Array = None
+  lora_b: jax.Array = None
+  lora_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+  def base(self) -> NF4Array:
+    return NF4Array(**{f.name: getattr(self, f.name) for f in dataclasses.fields(NF4Array)})
+
+  def delta(self) -> jax.Array:
+    """``lora_scale B A`` ``[out, in]`` float32."""
+    return self.lora_scale * (self.lora_b.astype(jnp.float32) @ self.lora_a.astype(jnp.float32))
+
+  def dequantize(self) -> jax.Array:
+    return (self.base().dequantize().astype(jnp.float32) + self.delta()).astype(self.dtype)

@@ -16,15 +16,12 @@ import jax
 from qjax.core import tree, uniform
 from qjax.core.errors import InputError
 from qjax.core.formats.qarray import QArray
-from qjax.core.options import Flag, option
+from qjax.core.options import option
 from qjax.methods.qat import fake_quant, lora, objectives
 from qjax.methods.qat.config import TrainConfig
 from qjax.methods.registry import register_method, shared
 from qjax.methods.weights import flags
 from qjax.models.families import DECODER_LINEARS
-
-RANK = Flag("--lora-rank", "LoRA adapter rank")
-ALPHA = Flag("--lora-alpha", "LoRA scale numerator: the update is (alpha / rank) B A")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,8 +29,8 @@ class L4QConfig:
   bits: int = option(4, flags.BITS)
   group_size: int = option(-1, flags.GROUP_SIZE)
   sym: bool = option(False, flags.SYM)
-  rank: int = option(8, RANK)
-  alpha: float = option(16.0, ALPHA)
+  rank: int = option(8, lora.RANK)
+  alpha: float = option(16.0, lora.ALPHA)
   scale_dtype: str = "float16"          # storage type of the merged QArray's scales
   train: TrainConfig = TrainConfig(steps=100, lr=1e-4, warmup=10)
   targets: tuple[str, ...] = DECODER_LINEARS

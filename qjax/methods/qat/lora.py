@@ -6,6 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from qjax.core.errors import InputError
+from qjax.core.options import Flag
+
+RANK = Flag("--lora-rank", "LoRA adapter rank")
+ALPHA = Flag("--lora-alpha", "LoRA scale numerator: the update is (alpha / rank) B A")
 
 
 def check(rank: int, alpha: float, what: str):

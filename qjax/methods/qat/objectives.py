@@ -15,10 +15,14 @@ from qjax.methods.registry import as_assignment
 from qjax.models import CausalLM
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy of ``logits [B, T, vocab]`` (float32) against ``labels [B, T]``."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+
+
 def next_token_loss(model: CausalLM, params, tokens: jax.Array) -> jax.Array:
-  """Cross-entropy of the next token (language modelling on a text: PEQA, L4Q, QLoRA)."""
-  logits = model.apply(params, tokens[:, :-1])[0]
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
+  """Cross-entropy of the next token (language modelling on a text: PEQA, L4Q)."""
+  return cross_entropy(model.apply(params, tokens[:, :-1])[0], tokens[:, 1:])
 
 
 def distill_loss(student: CausalLM, student_params, teacher: CausalLM, teacher_params, tokens: jax.Array):
