@@ -1,6 +1,5 @@
 """QLoRA on stories260K: a frozen NF4 base, adapters trained with dropout in bfloat16, the result saved whole and
 its adapters on their own (PEFT layout), merged, and the 16-bit vs QLoRA memory table."""
-import dataclasses
 import json
 
 import jax
@@ -33,8 +32,7 @@ def trained(stories_dir):
 
 def test_qlora_lowers_the_eval_perplexity_of_its_nf4_base(trained):
   model, params, cfg, q, report, ev = trained
-  bf16 = dataclasses.replace(model, dtype="bfloat16")
-  ppl = lambda p: perplexity.perplexity(bf16, p, ev, 128, 16, progress=False).ppl
+  ppl = lambda p: perplexity.perplexity(model, p, ev, 128, 16, progress=False).ppl
   base = tree.replace(params, tree.matching(params, cfg.targets), lambda _, w: qlora.quantize_base(w, cfg))
   assert report.losses[-1] < report.losses[0]
   assert ppl(q) < 0.9 * ppl(base)
