@@ -183,7 +183,8 @@ def train(loss_fn: LossFn, params, windows: np.ndarray, config: TrainConfig, *, 
     print(f"{desc}: memory estimate {estimate['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k} {v / 2**20:.1f} MiB" for k, v in estimate.items() if k != "total") + ")", file=sys.stderr)
   opt, lr = optimizer(config), schedule(config)
-  state = {"params": jax.tree.map(jnp.array, params), "opt_state": opt.init(params)}
+  state = {"params": jax.tree.map(jnp.array, params), "opt_state": opt.init(params)}   # copies: the step donates
+  frozen = jax.tree.map(jnp.asarray, frozen)          # on the device once, not transferred every step
   ckpt = _Checkpoints(config.checkpoint_dir, _fingerprint(params, windows, config)) if config.checkpoint_dir \
       else None
   records = []

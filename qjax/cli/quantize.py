@@ -27,6 +27,7 @@ from qjax.methods.qat import qlora
 from qjax.methods.weights import gptq, spqr
 
 PROG = "python -m qjax.quantize"
+GPTQ_EXPORTABLE = ("rtn", "gptq", "awq", "llm_qat", "peqa", "l4q")   # methods whose results are QArrays
 
 
 def build_parser() -> cli.Parser:
@@ -54,7 +55,8 @@ def build_parser() -> cli.Parser:
                       "model's (CSV + PNG) on one window of at most 512 tokens of the first evaluation text")
   p.add_argument("--save", help="write a qjax checkpoint folder (refuses an existing path)")
   p.add_argument("--export-gptq", metavar="DIR",
-                 help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn, gptq or awq")
+                 help="also write an HF GPTQ checkpoint (transformers / GPTQModel / vLLM); rtn, gptq, awq or the "
+                      "QArray-producing QAT methods (llm_qat, peqa, l4q)")
   p.add_argument("--export-gguf", metavar="FILE",
                  help="also write a GGUF file (llama.cpp format): W4 g32 -> Q4_0/Q4_1, sym W8 g32 -> Q8_0 from "
                       "qjax's codes, other tensors dense")
@@ -112,8 +114,9 @@ def _validate(args, given):
   if args.save:
     checkpoint.check_destination(args.save, args.overwrite, "--save folder")
   if args.export_gptq:
-    if not args.recipe and args.method not in ("rtn", "gptq", "awq"):
-      raise InputError("--export-gptq needs --method rtn, gptq or awq (or a --recipe with their rules)")
+    if not args.recipe and args.method not in GPTQ_EXPORTABLE:
+      raise InputError(f"--export-gptq needs --method {', '.join(GPTQ_EXPORTABLE)} (QArray weights), or a --recipe "
+                       f"with their rules")
     checkpoint.check_destination(args.export_gptq, args.overwrite, "--export-gptq folder")
   if args.export_gguf:
     checkpoint.check_destination(args.export_gguf, args.overwrite, "--export-gguf file")

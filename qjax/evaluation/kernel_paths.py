@@ -4,6 +4,7 @@ linears and the output head (:func:`qjax.kernels.qmatmul.path_name`), and a KV c
 from __future__ import annotations
 
 from qjax.core import tree
+from qjax.kernels.kv_attention import ATTENTION_QUANTIZERS
 from qjax.kernels.qmatmul import path_name
 from qjax.models.kv_cache import KVCache
 
@@ -21,7 +22,11 @@ def head_path(model, params) -> str:
 
 
 def attention_path(model, cache_factory=None) -> str:
-  """The path of decode attention through the caches ``cache_factory`` builds (default: the dense cache)."""
+  """The path of decode attention through the caches ``cache_factory`` builds (default: the dense cache); with
+  attention quantizers among the model's hooks (W8A8 attention, LLM-QAT's KV bits) the XLA reference runs, since
+  the kernels take none."""
+  if any(getattr(model.hooks, n) is not None for n in ATTENTION_QUANTIZERS):
+    return "xla (attention quantizers: keys and values read back dense, then fake-quantized)"
   return (cache_factory or KVCache.dense)(model.config, 1, 2).layers[0].attention_path(model.kernel)
 
 

@@ -6,7 +6,9 @@ the one signature every weight method shares::
 ``rules`` is either a config (quantize every still-dense weight its ``targets`` regexes match, the method's own
 default) or a mapping ``{parameter path: config}`` (what a :class:`qjax.api.Recipe` resolves: mixed precision
 within one method); :func:`as_assignment` turns either into the mapping. ``report`` is a
-:class:`qjax.calibration.layerwise.CalibrationReport` for calibrated methods, else ``None``. The registry is filled when the
+:class:`qjax.calibration.layerwise.CalibrationReport` for calibrated methods, a
+:class:`qjax.calibration.training.TrainReport` for the quantization-aware ones (``qjax/methods/qat/``), else
+``None``. The registry is filled when the
 method modules are imported (:mod:`qjax.methods` imports them all) and never changes afterwards.
 """
 from __future__ import annotations

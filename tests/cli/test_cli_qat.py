@@ -50,14 +50,23 @@ def _run_method(*args):
 def test_llm_qat_on_generated_text_and_qlora_with_its_adapters(tmp_path):
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     qat = pool.submit(_run_method, "--method", "llm_qat", "--wbits", "4", "--abits", "8", "--qat-kv-bits", "4",
-                      "--calib-dataset", "generated", "--json", tmp_path / "qat.json")
+                      "--calib-dataset", "generated", "--save", tmp_path / "ck", "--export-gptq", tmp_path / "gptq",
+                      "--json", tmp_path / "qat.json")
     ql = pool.submit(_run_method, "--method", "qlora", "--lora-rank", "4", "--save-adapters", tmp_path / "ad",
                      "--json", tmp_path / "ql.json")
-    r1, r2 = qat.result(), ql.result()
-  assert r1.returncode == 0, r1.stderr
+    r1 = qat.result()
+    assert r1.returncode == 0, r1.stderr
+    back = pool.submit(_run, "--load", tmp_path / "ck", "--seqlen", "64", "--eval-nsamples", "4", "--no-progress",
+                       "--json", tmp_path / "back.json", common=())
+    r2, r3 = ql.result(), back.result()
+  assert r3.returncode == 0, r3.stderr
+  loaded = json.loads((tmp_path / "back.json").read_text())
   out = json.loads((tmp_path / "qat.json").read_text())
   assert out["config"]["activations"] == "8-bit per-token sym, dynamic; KV cache 4-bit per token sym"
   assert out["training"]["nsamples"] == 8 and "llm_qat W4A8KV4 ppl" in r1.stdout
+  assert loaded["config"]["activations"] == out["config"]["activations"]          # A8 and KV4 travel with it
+  assert abs(loaded["ppl"]["tinystories"] / out["ppl"]["tinystories"] - 1) < 1e-6
+  assert (tmp_path / "gptq" / "config.json").is_file()
   assert r2.returncode == 0, r2.stderr
   out2 = json.loads((tmp_path / "ql.json").read_text())
   assert out2["adapters"]["adapters"] == 35 and (tmp_path / "ad" / "adapter_config.json").is_file()

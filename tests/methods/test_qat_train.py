@@ -99,3 +99,18 @@ def test_window_order_visits_every_window_once_per_epoch():
 def test_train_config_validates_itself(kw, msg):
   with pytest.raises(InputError, match=msg):
     TrainConfig(**kw)
+
+
+def test_a_qat_recipe_round_trips_with_its_nested_train_config(tmp_path):
+  import qjax
+  from qjax.methods.qat.peqa import PEQAConfig
+  cfg = PEQAConfig(bits=3, group_size=32, train=TrainConfig(steps=7, lr=0.01, checkpoint_dir="ck", checkpoint_every=2))
+  recipe = qjax.Recipe(weights=(qjax.Rule(".*/mlp/.*", cfg),))
+  d = recipe.to_dict()
+  assert d["weights"][0]["config"]["train"] == {"steps": 7, "lr": 0.01, "checkpoint_every": 2, "checkpoint_dir": "ck"}
+  path = tmp_path / "r.yaml"
+  path.write_text(qjax.dump_recipe(recipe, path))
+  assert qjax.load_recipe(path) == recipe
+  d["weights"][0]["config"]["train"]["steps"] = 0
+  with pytest.raises(InputError, match="steps must be a positive integer"):
+    qjax.Recipe.from_dict(d)

@@ -11,10 +11,11 @@ from qjax.kernels.dispatch import Op
 from qjax.kernels.kv_attention import xla
 from qjax.kernels.kv_attention.xla import attention, causal_blocks, gqa_output, gqa_scores, masked_softmax
 
-__all__ = ["OP", "attention", "causal_blocks", "gqa_output", "gqa_scores", "kv_attention", "masked_softmax",
+__all__ = ["ATTENTION_QUANTIZERS", "OP", "attention", "causal_blocks", "gqa_output", "gqa_scores", "kv_attention", "masked_softmax",
            "path_name"]
 
 OP = Op("kv_attention", dispatch_arg=0)
+ATTENTION_QUANTIZERS = ("attn_q", "attn_k", "attn_probs", "attn_v")   # hooks the kernels do not take (XLA runs them)
 OP.reference(object)(xla.update_then_attend)
 xla.update_then_attend.path = lambda: "xla (keys and values read back dense)"
 

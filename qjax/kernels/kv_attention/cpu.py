@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from qjax.kernels.kv_attention import OP
-
-_QUANTIZERS = ("attn_q", "attn_k", "attn_probs", "attn_v")
+from qjax.kernels.kv_attention import ATTENTION_QUANTIZERS, OP
 
 
 def _native():
@@ -23,7 +21,7 @@ def _native():
 
 @OP.implementation("cpu", object, platforms=("cpu",))
 def update_then_attend(layer_cache, q, k_new, v_new, *, index, positions, rope, mask, scale, hooks=None):
-  if any(getattr(hooks, n, None) is not None for n in _QUANTIZERS):
+  if any(getattr(hooks, n, None) is not None for n in ATTENTION_QUANTIZERS):
     raise NotImplementedError("cpu kv_attention: attention quantizers run in the XLA reference")
   native = _native()
   if not 0 < q.shape[1] <= native.MAX_T or not native.available():

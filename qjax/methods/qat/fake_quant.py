@@ -21,7 +21,7 @@ the backward pass.
   ``N`` is the number of values that share one step (the columns of a channel or a group; LSQ's ``N_W`` for a
   per-tensor step). With ``zero`` (an integer zero point learned through a rounding STE, LSQ+ restricted to the
   integer grid a QArray stores, kept in ``[0, maxq]``) the grid is asymmetric:
-``x_hat = s (round(clip(v + z, 0, maxq)) - z)``.
+  ``x_hat = s (round(clip(v + z, 0, maxq)) - z)``.
 
 All math in float32; outputs take the input's dtype. Shapes: weights ``w [out, in]``, steps ``[out, G]``
 (``G = ceil(in / group_size)``, 1 per channel); activations ``[..., features]``.

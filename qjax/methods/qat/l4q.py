@@ -19,7 +19,7 @@ from qjax.core.formats.qarray import QArray
 from qjax.core.options import option
 from qjax.methods.qat import fake_quant, lora, objectives
 from qjax.methods.qat.config import TrainConfig
-from qjax.methods.registry import register_method, shared
+from qjax.methods.registry import register_method
 from qjax.methods.weights import flags
 from qjax.models.families import DECODER_LINEARS
 
@@ -66,7 +66,6 @@ def quantize(params, rules=L4QConfig(), *, model=None, calibration=None, progres
   """``(params, TrainReport)``: adapters and quantizer steps trained on ``calibration``'s windows, merged into
   QArrays (the registered handler)."""
   assignment, cfg = objectives.one_config(params, rules, calibration, "L4Q")
-  shared(assignment, "train")
   flat = tree.flatten(params)
   w0 = {p: flat[p] for p in assignment}
   adapters = lora.init_all(jax.random.PRNGKey(cfg.train.seed), {p: w.shape for p, w in w0.items()}, cfg.rank)

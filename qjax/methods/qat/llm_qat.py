@@ -29,7 +29,7 @@ from qjax.core.options import Flag, option
 from qjax.methods.activations.quantizers import ActQuantConfig
 from qjax.methods.qat import fake_quant, objectives
 from qjax.methods.qat.config import TrainConfig
-from qjax.methods.registry import register_method, shared
+from qjax.methods.registry import register_method
 from qjax.methods.weights import flags, rtn
 from qjax.models.families import DECODER_LINEARS
 
@@ -69,7 +69,6 @@ def quantize(params, rules=LLMQATConfig(), *, model=None, calibration=None, prog
   """``(params, TrainReport)``: the distilled student's weights as RTN QArrays (the registered handler); run the
   result with ``model.with_hooks(config.act_config().hooks())``."""
   assignment, cfg = objectives.one_config(params, rules, calibration, "LLM-QAT")
-  shared(assignment, "train")
   teacher = (model or calibration.model).with_hooks(ActQuantConfig().hooks())
   student = teacher.with_hooks(cfg.act_config().hooks())
   flat = tree.flatten(params)

@@ -17,7 +17,7 @@ from qjax.core.errors import InputError
 from qjax.core.options import option
 from qjax.methods.qat import objectives
 from qjax.methods.qat.config import TrainConfig
-from qjax.methods.registry import register_method, shared
+from qjax.methods.registry import register_method
 from qjax.methods.weights import flags, rtn
 from qjax.models.families import DECODER_LINEARS
 
@@ -42,7 +42,6 @@ def quantize(params, rules=PEQAConfig(), *, model=None, calibration=None, progre
   """``(params, TrainReport)``: RTN on every weight of ``rules``, then the scales trained on
   ``calibration``'s windows with the codes frozen (the registered handler)."""
   assignment, cfg = objectives.one_config(params, rules, calibration, "PEQA")
-  shared(assignment, "train")
   flat = tree.flatten(params)
   start = {p: rtn.quantize_weight(flat[p], bits=c.bits, group_size=c.group_size, sym=c.sym, scale_dtype="float32")
            for p, c in assignment.items()}

@@ -26,7 +26,7 @@ from qjax.core.formats.nf4 import NF4Array, NF4LoRAArray
 from qjax.core.options import Flag, option
 from qjax.methods.qat import lora, objectives
 from qjax.methods.qat.config import TrainConfig
-from qjax.methods.registry import register_method, shared
+from qjax.methods.registry import register_method
 from qjax.models import layers
 from qjax.models.families import DECODER_LINEARS
 
@@ -105,7 +105,6 @@ def quantize(params, rules=QLoRAConfig(), *, model=None, calibration=None, progr
   """``(params, TrainReport)``: every weight of ``rules`` as an :class:`NF4LoRAArray` (NF4 base + the adapter
   trained on ``calibration``'s windows), the registered handler."""
   assignment, cfg = objectives.one_config(params, rules, calibration, "QLoRA")
-  shared(assignment, "train")
   flat = tree.flatten(params)
   if any(is_quantized(flat[p]) for p in assignment):
     raise InputError("QLoRA quantizes a float model to NF4: its targets must be float weights")
