@@ -24,6 +24,7 @@ import numpy as np
 from qjax.calibration import training
 from qjax.calibration.memory import activation_bytes, check_memory_budget, peak_host_bytes
 from qjax.calibration.reports import CalibrationReport, LayerReport
+from qjax.core import mesh as meshlib
 from qjax.core import tree
 from qjax.core.progress import bar as progress_bar
 from qjax.models import CausalLM, capture
@@ -40,6 +41,15 @@ class Calibration:
   model: CausalLM
   windows: np.ndarray
   layer_report: bool = False   # measure each layer's output error (one more layer forward per layer)
+
+  def placed_windows(self) -> jax.Array:
+    """The windows as a device array, on ``model.mesh`` split over its ``data`` axis (each process of a
+    ``jax.distributed`` run materializes only its own devices' windows)."""
+    mesh = self.model.mesh
+    if mesh is None:
+      return jnp.asarray(self.windows, jnp.int32)
+    host = np.asarray(self.windows, np.int32)
+    return meshlib.put(host, mesh, meshlib.fit_spec(mesh, host.shape, ("data",)))
 
   def with_model(self, model: CausalLM) -> "Calibration":
     """The same windows for another view of the model (other hooks or dtype)."""
@@ -82,7 +92,7 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
     raise ValueError(f"propagate must be 'new' or 'fp', got {propagate!r}")
   model = calibration.model
   fam = model.family
-  windows = jnp.asarray(calibration.windows, jnp.int32)
+  windows = calibration.placed_windows()
   check_memory_budget(model, *windows.shape)
   start = time.perf_counter()
   flat = tree.flatten(params)
@@ -133,9 +143,19 @@ def quantize_layerwise(params, calibration: Calibration, quantize_linear: Quanti
       stats = capture.collect_stats(model, layer, x, names)
       new = {}
       for n in names:
-        new[f"{n}/weight"], losses[n] = quantize_linear(f"{prefix}/{n}/weight", tree.flatten(layer)[f"{n}/weight"],
-                                                        stats[n]["hessian"])
+        w = split_rows(model, tree.flatten(layer)[f"{n}/weight"])
+        new[f"{n}/weight"], losses[n] = quantize_linear(f"{prefix}/{n}/weight", w, stats[n]["hessian"])
       layer = tree.replace(layer, new, lambda p, _: new[p])
     return layer, losses
 
   return walk_layers(params, calibration, process, progress=progress, desc=desc)
+
+
+def split_rows(model: CausalLM, w):
+  """``w [out, in]`` with its rows split over every device of ``model.mesh`` (both axes; None: unchanged). Row-wise
+  methods given one shared Hessian (GPTQ, SpQR) then quantize each device's rows in parallel with no
+  communication: XLA partitions the sweep along the rows it is given."""
+  mesh = model.mesh
+  if mesh is None:
+    return w
+  return meshlib.put(w, mesh, meshlib.fit_spec(mesh, w.shape, (("data", "model"),)))

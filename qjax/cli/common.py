@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import jax
+
 from qjax import models
+from qjax.core import mesh as meshlib
 from qjax.core.errors import InputError
 from qjax.io import assets, checkpoint, gguf_load, hf, hf_gptq
+from qjax.models import sharding
 
 EXIT_BAD_INPUT = 2
 
@@ -72,6 +77,38 @@ def add_model_args(p: argparse.ArgumentParser):
                       "the XLA reference), xla (the reference: dequantize + matmul), or one kernel (falling back to "
                       "the reference for what it does not cover)")
   p.add_argument("--seed", type=int, default=0)
+  d = p.add_argument_group("devices")
+  d.add_argument("--mesh", help="data=D,model=M: split the work over D x M devices (calibration windows, batches and "
+                                "FSDP over data; tensor-parallel linears over model); on CPU give the devices with "
+                                "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+  d.add_argument("--coordinator", default=os.environ.get("QJAX_COORDINATOR"),
+                 help="HOST:PORT of process 0 for a multi-process run (jax.distributed; env QJAX_COORDINATOR)")
+  d.add_argument("--num-processes", type=int, default=os.environ.get("QJAX_NUM_PROCESSES", "1"),
+                 help="processes of the run (env QJAX_NUM_PROCESSES)")
+  d.add_argument("--process-id", type=int, default=os.environ.get("QJAX_PROCESS_ID", "0"),
+                 help="this process's id, 0 .. N-1 (env QJAX_PROCESS_ID); process 0 prints and writes the outputs")
+
+
+def setup_devices(args) -> "meshlib.Mesh | None":
+  """Joins the ``jax.distributed`` run the flags describe (before any JAX work) and builds ``--mesh``. Processes
+  other than 0 print nothing (stdout is discarded there) and write nothing."""
+  meshlib.ProcessConfig(coordinator=args.coordinator, num_processes=args.num_processes,
+                        process_id=args.process_id).initialize()
+  if jax.process_index() != 0:
+    sys.stdout = open(os.devnull, "w")
+    args.no_progress = True
+  return meshlib.MeshConfig.parse(args.mesh).build() if args.mesh else None
+
+
+def is_writer() -> bool:
+  """Whether this process writes outputs (process 0 of a multi-process run, or the only one)."""
+  return jax.process_index() == 0
+
+
+def host_params(params):
+  """``params`` with every array whole on the host: what a writer needs from a multi-process run (every process
+  must call it: it gathers); one process: unchanged."""
+  return params if jax.process_count() == 1 else jax.tree.map(meshlib.to_host, params)
 
 
 def model_source(args) -> Path:
@@ -99,14 +136,16 @@ def load_model(args):
   ``--load`` (``meta["loaded"] = "qjax checkpoint"``), or for an HF GPTQ folder given as ``--model`` a
   ``method`` entry built from its ``quantization_config`` (``meta["loaded"] = "HF GPTQ checkpoint"``); ``None``
   for a float model."""
+  mesh = setup_devices(args)
   d = model_dir(args)
   if args.load:
     meta = checkpoint.read_meta(d)
-    model = models.CausalLM(models.ModelConfig.from_dir(d), meta["dtype"], kernel=args.kernel)
+    model = models.CausalLM(models.ModelConfig.from_dir(d), meta["dtype"], kernel=args.kernel, mesh=mesh)
     params, meta = checkpoint.load_params(d)
-    return model, params, {**meta, "loaded": "qjax checkpoint"}
+    return model, sharding.shard_params(model, params), {**meta, "loaded": "qjax checkpoint"}
   model, params = hf.load_model(model_source(args), args.dtype)
-  model = model.with_kernel(args.kernel)
+  model = model.with_kernel(args.kernel).with_mesh(mesh)
+  params = sharding.shard_params(model, params)
   qc = hf_gptq.quantization_config_of(d)
   if qc is None:
     return model, params, None

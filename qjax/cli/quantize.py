@@ -90,6 +90,11 @@ def _texts(args) -> dict[str, Path]:
 def _validate(args, given):
   model_config = cli.model_config(args)
   recipe.validate(args, given, model_config)
+  single = [f for f in ("export_gguf", "export_gptq", "save_adapters", "analyze_stats", "layerwise_distance", "tasks",
+                        "save_recipe") if getattr(args, f, None)]
+  if args.num_processes > 1 and single:
+    raise InputError(f"{', '.join(cli.flag(f) for f in single)}: not supported in a multi-process run (yet); run "
+                     f"it on a checkpoint saved with --save")
   cli.check_scopes(given, [(("ppl_datasets", "ppl_text", "seqlen", "eval_nsamples", "batch_size"),
                             args.eval == "ppl", "--eval ppl"),
                            (("baseline",), args.eval == "ppl" or bool(args.tasks), "--eval ppl or --tasks")])
@@ -173,7 +178,9 @@ def run(argv=None) -> int:
   analyzed = _analyze(args, q, tok, tokens, seqlen)
   task_baseline = run_tasks(model, q.float_params) if args.tasks and args.baseline else {}
   if args.save:
-    quantized.save(q.q, args.save, source_dir=source_dir, overwrite=args.overwrite, method=method)
+    whole = dataclasses.replace(q.q, params=cli.host_params(q.q.params))   # every process gathers
+    if cli.is_writer():
+      quantized.save(whole, args.save, source_dir=source_dir, overwrite=args.overwrite, method=method)
   if args.save_recipe:
     with checkpoint.atomic_file(args.save_recipe) as f:
       f.write(api.dump_recipe(q.recipe, args.save_recipe))
@@ -235,6 +242,8 @@ def run(argv=None) -> int:
     windows = q.calibration.windows.shape
     part = "training" if isinstance(q.report, TrainReport) else "calibration"
     out[part] = {"nsamples": int(windows[0]), "seqlen": int(windows[1]), **q.report.to_dict()}
+  if not cli.is_writer():
+    return 0
   _print_summary(out, results, baseline, recipe.label(q, args), {p for _, p in model.family.linears})
   if args.json:
     cli.write_json(args.json, out)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.core import mesh as meshlib
 from qjax.core.errors import InputError
 from qjax.models import DTYPES, CausalLM
 from qjax.models.kv_cache import KVCache
@@ -293,6 +294,9 @@ class Generator:
     width = max([len(p) for p in ids] + [pad_to or 0])
     max_len, n_new = plan_lengths(width, max_new_tokens, self.model.config.max_position_embeddings, max_len)
     input_ids, mask = left_pad(ids, width)
+    if self.model.mesh is not None:            # rows split over the mesh's data axis (when it divides them)
+      rows = meshlib.fit_spec(self.model.mesh, input_ids.shape, ("data",))
+      input_ids, mask = (meshlib.put(a, self.model.mesh, rows) for a in (input_ids, mask))
     cache = self.cache_factory(self.model.config, len(ids), max_len, self.cache_dtype)
     bytes_per_token = cache_bytes_per_token(cache)
     key = jax.random.key(seed)
@@ -302,14 +306,14 @@ class Generator:
     compile0 = self.compile_seconds
     t0 = time.perf_counter()
     first, cache = self._prefill(self.params, input_ids, mask, cache, key)
-    first = np.asarray(first)
+    first = meshlib.to_host(first)
     prefill_s = time.perf_counter() - t0 - (self.compile_seconds - compile0)
     compile1 = self.compile_seconds
     t0 = time.perf_counter()
     ended = np.full(len(ids), -1)                # column of the token that completed a stop string
     if callback is None and not stop_strings:
       out, produced, _ = self._loop(self.params, first, cache, key, np.int32(n_new), stop)
-      tokens = np.asarray(out)[:, :int(produced)]
+      tokens = meshlib.to_host(out)[:, :int(produced)]
     else:
       tokens = self._host_loop(first, cache, key, n_new, stop, callback,
                                functools.partial(self._string_stops, stop_strings, ended))
@@ -351,7 +355,7 @@ class Generator:
       nxt = None
       if j + 1 < n_new:
         nxt, cache = self._step(self.params, tok, cache, key, np.int32(j + 1))
-      host = np.asarray(tok)
+      host = meshlib.to_host(tok)
       cols.append(host)
       if callback is not None:
         callback(j, host, active.copy())

@@ -8,7 +8,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
+from qjax.core import mesh as meshlib
 from qjax.core.errors import InputError
 from qjax.core.progress import bar as progress_bar
 
@@ -79,12 +81,12 @@ def window_nll(model, params, ids, micro_batch: int | None = None):
 
   With ``micro_batch = m`` the ``b`` rows are scored ``m`` at a time inside one compiled ``lax.map`` (``b % m``
   must be 0): on CPU the ``[m, heads, T, T]`` attention scores then stay in cache, about 2x faster than one
-  large batch (``eval/bench_ppl.py``).
+  large batch (``eval/bench_ppl.py``). On ``model.mesh`` the micro-batches are split over its ``data`` axis.
   """
   nll = lambda rows: jnp.mean(token_nll(model, params, rows), axis=-1)
   if micro_batch is None or micro_batch >= ids.shape[0]:
     return nll(ids)
-  return jax.lax.map(nll, ids.reshape(-1, micro_batch, ids.shape[1])).reshape(-1)
+  return meshlib.map_rows(nll, ids.reshape(-1, micro_batch, ids.shape[1]), model.mesh).reshape(-1)
 
 
 def default_micro_batch() -> int | None:
@@ -93,9 +95,15 @@ def default_micro_batch() -> int | None:
 
 
 def _signature(params):
-  """A hashable description of a parameter pytree's structure, shapes and dtypes (what compilation depends on)."""
+  """A hashable description of a parameter pytree's structure, shapes, dtypes and shardings (what compilation
+  depends on; the sharding is None for host arrays)."""
   leaves, treedef = jax.tree.flatten(params)
-  return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
+  return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name, _sharding(x)) for x in leaves)
+
+
+def _sharding(x):
+  sharding = getattr(x, "sharding", None)
+  return sharding if isinstance(sharding, NamedSharding) else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,9 +112,14 @@ def _compiled_nll(model, signature, batch_shape, micro_batch):
   signature and batch shape; cached, so evaluating the same model again (another text, a second call) compiles
   nothing (timings exclude compilation either way)."""
   treedef, avals = signature
-  abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in avals])
-  ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
+  abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d, sharding=sh) for s, d, sh in avals])
+  ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=_batch_sharding(model, batch_shape))
   return window_nll.lower(model, abstract, ids, micro_batch).compile()
+
+
+def _batch_sharding(model, shape):
+  """Windows ``[b, T]`` split over the mesh's ``data`` axis (None without a mesh)."""
+  return None if model.mesh is None else meshlib.rows_sharding(model.mesh, shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +141,17 @@ def perplexity(model, params, tokens: np.ndarray, seqlen: int, nsamples: int | N
   w = windows(tokens, seqlen, nsamples)
   bs = batch_size or default_batch_size(seqlen, model.config.vocab_size)
   bs = min(bs, len(w))
+  d = meshlib.axis_size(model.mesh, "data")
+  bs = -(-bs // d) * d                        # whole windows per data-parallel device (padding is scored, dropped)
   nb = -(-len(w) // bs)
   padded = np.concatenate([w, np.repeat(w[:1], nb * bs - len(w), axis=0)]).reshape(nb, bs, seqlen)
   step = _compiled_nll(model, _signature(params), (bs, seqlen), default_micro_batch())
   out = []
   start = time.perf_counter()
+  sharding = _batch_sharding(model, (bs, seqlen))
   for batch in progress_bar(padded, desc=desc, enabled=progress):
-    out.append(step(params, jnp.asarray(batch)))
-  nll = np.concatenate([np.asarray(o) for o in out])[: len(w)]
+    out.append(step(params, jnp.asarray(batch) if sharding is None else meshlib.put(batch, model.mesh,
+                                                                                    sharding.spec)))
+  nll = np.concatenate([meshlib.to_host(o) for o in out])[: len(w)]
   elapsed = time.perf_counter() - start
   return PPLResult(float(np.exp(np.mean(nll.astype(np.float64)))), nll, len(w) * seqlen / elapsed, seqlen)

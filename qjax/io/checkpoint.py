@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -123,7 +124,7 @@ def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool 
     else:
       flat[path] = leaf
   with atomic_dir(dest) as tmp:
-    ckpt = ocp.StandardCheckpointer()
+    ckpt = _checkpointer()
     ckpt.save(tmp / "params", tree.unflatten(flat))
     ckpt.wait_until_finished()
     shutil.copy2(source_dir / "config.json", tmp / "config.json")
@@ -225,7 +226,7 @@ def load_params(path) -> tuple[dict, dict]:
   path = Path(path).resolve()
   meta = read_meta(path)
   try:
-    flat = tree.flatten(ocp.StandardCheckpointer().restore(path / "params"))
+    flat = tree.flatten(_checkpointer().restore(path / "params"))
   except Exception as e:  # orbax/tensorstore raise many types for damaged files
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     raise InputError(f"checkpoint {path}: the arrays under params/ cannot be read ({first})") from None
@@ -244,3 +245,11 @@ def load_params(path) -> tuple[dict, dict]:
     except (TypeError, ValueError) as e:
       raise InputError(f"checkpoint {path}: {qpath} cannot be rebuilt as {cls.__name__} ({e})") from None
   return tree.unflatten({k: (v if isinstance(v, QuantizedTensor) else jnp.asarray(v)) for k, v in flat.items()}), meta
+
+
+def _checkpointer():
+  """An orbax checkpointer of this process alone: qjax checkpoints hold host arrays, written (and read) by one
+  process, so a ``jax.distributed`` run's writer never waits at orbax's barriers for processes that do not save."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))

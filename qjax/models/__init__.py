@@ -10,6 +10,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from qjax.core import tree
 from qjax.kernels import dispatch
@@ -29,11 +30,14 @@ __all__ = ["CausalLM", "ModelConfig", "ActivationHooks", "DTYPES", "SUPPORTED_MO
 class CausalLM:
   """A model architecture: config, compute dtype, activation hooks, the kernel implementation its ops ask for
   (``kernel``: ``"auto"``, ``"xla"`` or a name of :data:`qjax.kernels.dispatch.IMPLEMENTATIONS`, for the linears'
-  ``qmatmul`` and the cache's attention) and the family's declarative map."""
+  ``qmatmul`` and the cache's attention) and the family's declarative map; ``mesh``: the ``(data, model)`` device
+  mesh its computations are split over (:mod:`qjax.core.mesh`; None: one device), the parameters placed by
+  :func:`qjax.models.sharding.shard_params`."""
   config: ModelConfig
   dtype: str = "float32"
   hooks: ActivationHooks = ActivationHooks()
   kernel: str = "auto"
+  mesh: Mesh | None = None
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -79,3 +83,6 @@ class CausalLM:
 
   def with_kernel(self, kernel: str) -> "CausalLM":
     return dataclasses.replace(self, kernel=kernel)
+
+  def with_mesh(self, mesh: Mesh | None) -> "CausalLM":
+    return dataclasses.replace(self, mesh=mesh)

@@ -2,7 +2,9 @@
 method uses (the calibration pipeline that walks the layers is :mod:`qjax.calibration`).
 
 ``x [n, T, hidden]`` holds ``n`` windows of ``T`` tokens; each window is run separately (``lax.map`` /
-``lax.scan``), so memory stays one window's activations however large ``n`` is.
+``lax.scan``), so memory stays one window's activations however large ``n`` is. On a mesh (``model.mesh``) the
+windows are split over its ``data`` axis (:func:`qjax.core.mesh.map_rows`): each device runs its own windows and
+per-shard statistics are reduced once at the end (one all-reduce per statistic and layer).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qjax.core import mesh as meshlib
 from qjax.core import tree
 from qjax.models import CausalLM, layers
 from qjax.models.decoder import window_inputs
@@ -21,7 +24,7 @@ from qjax.models.decoder import window_inputs
 @functools.partial(jax.jit, static_argnums=0)
 def embed_windows(model, params, ids):
   positions, _ = window_inputs(ids.shape[1])
-  return jax.lax.map(lambda row: model.embed(params, row[None], positions)[0], ids)
+  return meshlib.map_rows(lambda row: model.embed(params, row[None], positions)[0], ids, model.mesh)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -29,7 +32,8 @@ def run_layer(model, layer_params, x):
   """Decoder layer on each calibration window: ``x [n, T, hidden] -> [n, T, hidden]``."""
   positions, mask = window_inputs(x.shape[1])
   mod = model.layer_module()
-  return jax.lax.map(lambda xi: mod.apply({"params": layer_params}, xi[None], positions, mask)[0][0], x)
+  return meshlib.map_rows(lambda xi: mod.apply({"params": layer_params}, xi[None], positions, mask)[0][0], x,
+                          model.mesh)
 
 
 STATS = ("hessian", "absmax", "absmean")
@@ -87,7 +91,9 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
     fill = {"max": -jnp.inf, "min": jnp.inf}.get(kind, 0.0)
     return jnp.full(shape, fill, jnp.float32)
 
-  acc, _ = jax.lax.scan(body, {n: {k: zeros(n, k) for k in kinds} for n in distinct}, x)
+  combine = {"absmax": jnp.max, "max": jnp.max, "min": jnp.min}
+  reduce = lambda shards: {n: {k: combine.get(k, jnp.sum)(v, axis=0) for k, v in s.items()} for n, s in shards.items()}
+  acc = meshlib.scan_rows(body, {n: {k: zeros(n, k) for k in kinds} for n in distinct}, x, model.mesh, reduce)
   scale = {"hessian": 2.0 / x.shape[0], "absmean": 1.0 / (x.shape[0] * x.shape[1])}
   stats = {n: {k: v * scale.get(k, 1.0) for k, v in s.items()} for n, s in acc.items()}
   return {n: stats[source[n]] for n in names}

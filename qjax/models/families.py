@@ -33,6 +33,11 @@ class Family:
   gguf_arch: str | None = None
   gguf_names: tuple[tuple[str, str], ...] = ()
   gguf_layer_names: tuple[tuple[str, str], ...] = ()
+  # Tensor parallelism (qjax.models.sharding): the roles whose output features split over the mesh's "model" axis
+  # (their outputs stay split: attention heads, FFN channels) and those whose input features do (they consume the
+  # split activations; their partial sums are all-reduced), Megatron's column- and row-parallel linears.
+  split_out: tuple[str, ...] = ()
+  split_in: tuple[str, ...] = ()
 
   def layer_path(self, i: int) -> str:
     return f"{self.layers_prefix}_{i}"
@@ -70,6 +75,8 @@ LLAMA = Family(
     linear_feeds=(("v", "o", "mha"), ("up", "down", "")),
     sequential=(("q", "k", "v"), ("o",), ("gate", "up"), ("down",)),
     rope_roles=("q", "k"),
+    split_out=("q", "k", "v", "gate", "up"),
+    split_in=("o", "down"),
     embed="model/embed_tokens/weight",
     final_norm="model/norm",
     gguf_arch="llama",
@@ -93,6 +100,8 @@ OPT = Family(
     linear_feeds=(("v", "o", "mha"), ("fc1", "fc2", "relu")),
     sequential=(("q", "k", "v"), ("o",), ("fc1",), ("fc2",)),
     rope_roles=(),
+    split_out=("q", "k", "v", "fc1"),
+    split_in=("o", "fc2"),
     embed="model/decoder/embed_tokens/weight",
     final_norm="model/decoder/final_layer_norm",
 )
