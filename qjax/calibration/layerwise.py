@@ -45,11 +45,9 @@ class Calibration:
   def placed_windows(self) -> jax.Array:
     """The windows as a device array, on ``model.mesh`` split over its ``data`` axis (each process of a
     ``jax.distributed`` run materializes only its own devices' windows)."""
-    mesh = self.model.mesh
-    if mesh is None:
+    if self.model.mesh is None:
       return jnp.asarray(self.windows, jnp.int32)
-    host = np.asarray(self.windows, np.int32)
-    return meshlib.put(host, mesh, meshlib.fit_spec(mesh, host.shape, ("data",)))
+    return meshlib.put_rows(np.asarray(self.windows, np.int32), self.model.mesh)
 
   def with_model(self, model: CausalLM) -> "Calibration":
     """The same windows for another view of the model (other hooks or dtype)."""
@@ -155,7 +153,4 @@ def split_rows(model: CausalLM, w):
   """``w [out, in]`` with its rows split over every device of ``model.mesh`` (both axes; None: unchanged). Row-wise
   methods given one shared Hessian (GPTQ, SpQR) then quantize each device's rows in parallel with no
   communication: XLA partitions the sweep along the rows it is given."""
-  mesh = model.mesh
-  if mesh is None:
-    return w
-  return meshlib.put(w, mesh, meshlib.fit_spec(mesh, w.shape, (("data", "model"),)))
+  return meshlib.put_rows(w, model.mesh, ("data", "model"))

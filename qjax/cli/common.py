@@ -95,7 +95,7 @@ def setup_devices(args) -> "meshlib.Mesh | None":
   meshlib.ProcessConfig(coordinator=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id).initialize()
   if jax.process_index() != 0:
-    sys.stdout = open(os.devnull, "w")
+    sys.stdout = open(os.devnull, "w")  # for the rest of the process
     args.no_progress = True
   return meshlib.MeshConfig.parse(args.mesh).build() if args.mesh else None
 

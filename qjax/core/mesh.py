@@ -98,8 +98,7 @@ class ProcessConfig:
     JAX computation. One process: nothing to do."""
     if self.num_processes == 1:
       return
-    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # the CPU backend's (others ignore it)
     jax.distributed.initialize(coordinator_address=self.coordinator, num_processes=self.num_processes,
                                process_id=self.process_id)
 
@@ -123,6 +122,11 @@ def fit_spec(mesh: Mesh, shape, wanted) -> P:
 def rows_sharding(mesh: Mesh, shape, axes=("data",)) -> NamedSharding:
   """Axis 0 of an array of ``shape`` split over ``axes`` (when they divide it), the rest whole."""
   return NamedSharding(mesh, fit_spec(mesh, shape, (axes,)))
+
+
+def put_rows(x, mesh: Mesh | None, axes=("data",)):
+  """``x`` placed with axis 0 split over ``axes`` (:func:`rows_sharding`; ``mesh=None``: unchanged)."""
+  return x if mesh is None else put(x, mesh, rows_sharding(mesh, x.shape, axes).spec)
 
 
 def put(x, mesh: Mesh | None, spec: P | None = None):

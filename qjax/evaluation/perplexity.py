@@ -148,10 +148,8 @@ def perplexity(model, params, tokens: np.ndarray, seqlen: int, nsamples: int | N
   step = _compiled_nll(model, _signature(params), (bs, seqlen), default_micro_batch())
   out = []
   start = time.perf_counter()
-  sharding = _batch_sharding(model, (bs, seqlen))
   for batch in progress_bar(padded, desc=desc, enabled=progress):
-    out.append(step(params, jnp.asarray(batch) if sharding is None else meshlib.put(batch, model.mesh,
-                                                                                    sharding.spec)))
+    out.append(step(params, jnp.asarray(batch) if model.mesh is None else meshlib.put_rows(batch, model.mesh)))
   nll = np.concatenate([meshlib.to_host(o) for o in out])[: len(w)]
   elapsed = time.perf_counter() - start
   return PPLResult(float(np.exp(np.mean(nll.astype(np.float64)))), nll, len(w) * seqlen / elapsed, seqlen)
