@@ -43,11 +43,11 @@ class Calibration:
   layer_report: bool = False   # measure each layer's output error (one more layer forward per layer)
 
   def placed_windows(self) -> jax.Array:
-    """The windows as a device array, on ``model.mesh`` split over its ``data`` axis (each process of a
+    """The windows as a device array, on ``model.mesh`` split over all its devices (each process of a
     ``jax.distributed`` run materializes only its own devices' windows)."""
     if self.model.mesh is None:
       return jnp.asarray(self.windows, jnp.int32)
-    return meshlib.put_rows(np.asarray(self.windows, np.int32), self.model.mesh)
+    return meshlib.put_rows(np.asarray(self.windows, np.int32), self.model.mesh, meshlib.AXES)
 
   def with_model(self, model: CausalLM) -> "Calibration":
     """The same windows for another view of the model (other hooks or dtype)."""

@@ -7,10 +7,12 @@ arrays are placed with ``NamedSharding`` and the jit-compiled functions are part
 inserts the collectives (the all-reduce of per-shard Hessians, the all-gather of an FSDP weight). On one device
 (``mesh=None``) nothing here changes a computation.
 
-:func:`map_rows` / :func:`scan_rows` are how a function that loops over rows (``lax.map`` over calibration
-windows, micro-batches of perplexity windows) keeps its rows split over ``data``: a ``lax.map`` over a sharded axis
-would make every device run every step, so the rows are reshaped ``[n] -> [D, n / D]``, the ``D`` axis is pinned
-to ``data`` and the loop runs under ``vmap`` over it (each device loops over its own ``n / D`` rows).
+:func:`map_rows` is how a function that loops over rows (``lax.map`` over micro-batches of perplexity windows) keeps
+its rows split over ``data``: a ``lax.map`` over a sharded axis would make every device run every step, so the
+rows are reshaped ``[n] -> [D, n / D]``, the ``D`` axis is pinned to ``data`` and the loop runs under ``vmap`` over
+it (each device loops over its own ``n / D`` rows). Layer-wise calibration instead needs the one-device bits on
+any mesh: :func:`map_split` runs the one-device program on each device's rows with the weights whole, and
+:func:`reduce_rows` sums per-row statistics in one fixed pairwise tree whatever the device count.
 """
 from __future__ import annotations
 
@@ -157,32 +159,77 @@ def _resharder(sharding):
   return jax.jit(lambda a: a, out_shardings=sharding)
 
 
-def _split(mesh, xs):
-  d = axis_size(mesh, "data")
+def device_count(mesh: Mesh | None, axes=AXES) -> int:
+  """Devices along ``axes`` of ``mesh`` (1 without one)."""
+  return 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
+
+
+def _split(mesh, xs, axes):
+  d = device_count(mesh, axes)
   lead = jax.tree.leaves(xs)[0].shape[0]
   if d == 1 or lead % d:
     return None
   split = lambda a: jax.lax.with_sharding_constraint(a.reshape(d, lead // d, *a.shape[1:]),
-                                                     NamedSharding(mesh, P("data")))
+                                                     NamedSharding(mesh, P(axes)))
   return jax.tree.map(split, xs)
 
 
-def map_rows(f, xs, mesh: Mesh | None):
-  """``lax.map(f, xs)`` (over axis 0 of every leaf of ``xs``) with the rows split over the mesh's ``data`` axis
-  (when it divides them; otherwise, and without a mesh, a plain ``lax.map``). Call inside ``jit``."""
-  split = _split(mesh, xs)
+def map_rows(f, xs, mesh: Mesh | None, axes=("data",)):
+  """``lax.map(f, xs)`` (over axis 0 of every leaf of ``xs``) with the rows split over the mesh's ``axes`` (when
+  they divide them; otherwise, and without a mesh, a plain ``lax.map``). XLA partitions whatever ``f`` closes over
+  as its placement says (tensor-parallel weights: partial sums all-reduced). Call inside ``jit``."""
+  split = _split(mesh, xs, axes)
   if split is None:
     return jax.lax.map(f, xs)
   ys = jax.vmap(lambda part: jax.lax.map(f, part))(split)
   return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys)
 
 
-def scan_rows(body, init, xs, mesh: Mesh | None, combine):
-  """``lax.scan(body, init, xs)[0]`` of an accumulating ``body(carry, x) -> (carry, None)``, with the rows of
-  ``xs`` split over ``data``: each shard scans its rows from ``init`` and the shards' carries are combined with
-  ``combine(stacked_carry) -> carry`` (a sum or a max over axis 0: the all-reduce). Call inside ``jit``."""
-  split = _split(mesh, xs)
-  if split is None:
-    return jax.lax.scan(body, init, xs)[0]
-  carries = jax.vmap(lambda part: jax.lax.scan(body, init, part)[0])(split)
-  return combine(carries)
+def map_split(f, consts, xs, mesh: Mesh | None):
+  """``lax.map(lambda x: f(consts, x), xs)`` with the rows of ``xs`` split over every device and one whole copy of
+  ``consts`` on each (``shard_map``): each device runs exactly the one-device program on its own rows, so every
+  output row has the same bits as on one device (no partial sums cross devices). When the device count does not
+  divide the rows, every device computes every row (still the same bits). Call inside ``jit``."""
+  local = lambda c, x: jax.lax.map(lambda row: f(c, row), x)
+  if mesh is None:
+    return local(consts, xs)
+  n, d = jax.tree.leaves(xs)[0].shape[0], device_count(mesh)
+  spec = P(AXES) if n % d == 0 else P()
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), spec), out_specs=spec, check_vma=False)(consts, xs)
+
+
+def reduce_rows(contribution, combine, init, consts, xs, mesh: Mesh | None):
+  """The ``combine``-reduction of ``contribution(consts, x)`` over the rows ``x`` of ``xs`` (axis 0 of every
+  leaf), in one fixed pairwise tree, so that the result has the same bits on one device and on any mesh.
+
+  ``combine(a, b)`` must be commutative with ``combine(init, a) == a`` exactly (a sum from zeros, a max from
+  ``-inf``). With ``n = 2^L m`` rows (``m`` odd) the rows form ``2^L`` consecutive chunks of ``m``; a chunk is
+  combined in order (a scan), and the chunks in a balanced binary tree (nested scans of length 2, so the trace
+  does not grow with ``n``). On a mesh of ``G = 2^g <= 2^L`` devices each device holds ``2^(L-g)`` consecutive
+  chunks and reduces its subtree, and the top ``g`` levels are a butterfly (``ppermute`` with device ``i xor
+  2^s``): both partners add the same two operands, so every device ends with the one-device tree's bits. Other
+  device counts: every device reduces every row (the same bits, no speed-up). Memory: ``L + 2`` accumulators,
+  never a stack of per-row contributions. Call inside ``jit``.
+  """
+  n = jax.tree.leaves(xs)[0].shape[0]
+  levels = (n & -n).bit_length() - 1                       # L: 2^L is the largest power of two dividing n
+  d = device_count(mesh)
+  g = d.bit_length() - 1 if mesh is not None and d & (d - 1) == 0 and d <= 2**levels else 0
+
+  def tree(c, x, depth):
+    step = ((lambda acc, row: (combine(acc, contribution(c, row)), None)) if depth == 0 else
+            (lambda acc, half: (combine(acc, tree(c, half, depth - 1)), None)))
+    return jax.lax.scan(step, init, x)[0]
+
+  def local(c, x):
+    depth = levels - g
+    x = jax.tree.map(lambda a: a.reshape((2,) * depth + (a.shape[0] >> depth,) + a.shape[1:]), x)
+    acc = tree(c, x, depth)
+    for s in range(g):
+      acc = combine(acc, jax.lax.ppermute(acc, AXES, [(i, i ^ (1 << s)) for i in range(d)]))
+    return acc
+
+  if mesh is None:
+    return local(consts, xs)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXES) if g else P()), out_specs=P(),
+                       check_vma=False)(consts, xs)

@@ -3,8 +3,13 @@ method uses (the calibration pipeline that walks the layers is :mod:`qjax.calibr
 
 ``x [n, T, hidden]`` holds ``n`` windows of ``T`` tokens; each window is run separately (``lax.map`` /
 ``lax.scan``), so memory stays one window's activations however large ``n`` is. On a mesh (``model.mesh``) the
-windows are split over its ``data`` axis (:func:`qjax.core.mesh.map_rows`): each device runs its own windows and
-per-shard statistics are reduced once at the end (one all-reduce per statistic and layer).
+current layer's weights are gathered whole onto every device (FSDP-style: one layer at a time) and the windows
+are split over every device (:func:`qjax.core.mesh.map_split`), so each window's activations have exactly the
+one-device bits; the per-linear statistics are reduced in one fixed pairwise tree over the windows
+(:func:`qjax.core.mesh.reduce_rows`), so the Hessians, and with them GPTQ's codes, equal one device's bit for bit
+when the device count is a power of two dividing ``n``'s largest power-of-two factor (e.g. any of 1..128 devices
+for ``n = 128``). A plain all-reduce would differ from one device in the last bit, and GPTQ's layer-by-layer
+propagation of quantized outputs compounds such bits into flipped codes (~14% of them after 8 layers).
 """
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ from qjax.models.decoder import window_inputs
 
 @functools.partial(jax.jit, static_argnums=0)
 def embed_windows(model, params, ids):
-  positions, _ = window_inputs(ids.shape[1])
-  return meshlib.map_rows(lambda row: model.embed(params, row[None], positions)[0], ids, model.mesh)
+  positions, _ = window_inputs(ids.shape[1])   # a lookup (and an exact add): any partitioning gives the same bits
+  return meshlib.map_rows(lambda row: model.embed(params, row[None], positions)[0], ids, model.mesh, meshlib.AXES)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -32,8 +37,8 @@ def run_layer(model, layer_params, x):
   """Decoder layer on each calibration window: ``x [n, T, hidden] -> [n, T, hidden]``."""
   positions, mask = window_inputs(x.shape[1])
   mod = model.layer_module()
-  return meshlib.map_rows(lambda xi: mod.apply({"params": layer_params}, xi[None], positions, mask)[0][0], x,
-                          model.mesh)
+  return meshlib.map_split(lambda p, xi: mod.apply({"params": p}, xi[None], positions, mask)[0][0], layer_params, x,
+                           model.mesh)
 
 
 STATS = ("hessian", "absmax", "absmean")
@@ -63,37 +68,35 @@ def capture_linears(model, layer_params, x, names, *, outputs: bool = False) -> 
 def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[str, ...] = ("hessian",)):
   """``{name: {kind: stat}}`` float32 for the layer's linears at relative paths ``names`` (``mlp/up_proj``).
 
-  Statistics of each linear's input ``x`` over all windows and tokens, accumulated with a scan over the ``n``
-  windows of ``x`` (no activation is stored): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
+  Statistics of each linear's input ``x`` over all windows and tokens, reduced window by window in a fixed
+  pairwise tree (:func:`qjax.core.mesh.reduce_rows`: no activation is stored, and a mesh gives the same bits): ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ),
   ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean`` ``mean |x| [in]`` (AWQ); ``max`` / ``min`` scalars and
   ``moments`` ``[sum x, sum x^2, sum x^3, sum x^4]`` over every element (the analysis tools).
 
   Linears that read the same input (LLaMA's q/k/v and gate/up, OPT's q/k/v) share one accumulator: the
   statistics are computed once per distinct input and the same arrays returned for each such linear.
   """
-  update = {"hessian": lambda acc, a: acc + a.T @ a,
-            "absmax": lambda acc, a: jnp.maximum(acc, jnp.max(jnp.abs(a), axis=0)),
-            "absmean": lambda acc, a: acc + jnp.sum(jnp.abs(a), axis=0),
-            "max": lambda acc, a: jnp.maximum(acc, jnp.max(a)),
-            "min": lambda acc, a: jnp.minimum(acc, jnp.min(a)),
-            "moments": lambda acc, a: acc + jnp.stack([jnp.sum(a**k) for k in (1, 2, 3, 4)])}
+  contribution = {"hessian": lambda a: a.T @ a, "absmax": lambda a: jnp.max(jnp.abs(a), axis=0),
+                  "absmean": lambda a: jnp.sum(jnp.abs(a), axis=0), "max": jnp.max, "min": jnp.min,
+                  "moments": lambda a: jnp.stack([jnp.sum(a**k) for k in (1, 2, 3, 4)])}
+  combine = {"absmax": jnp.maximum, "max": jnp.maximum, "min": jnp.minimum}
   source = shared_inputs(model, layer_params, x[0], names)
   distinct = tuple(dict.fromkeys(source.values()))
 
-  def body(acc, xi):
-    captured = capture_linears(model, layer_params, xi, names)
+  def window(params, xi):
+    captured = capture_linears(model, params, xi, names)
     captured = {n: captured[n].reshape(-1, captured[n].shape[-1]).astype(jnp.float32) for n in distinct}
-    return {n: {k: update[k](acc[n][k], captured[n]) for k in kinds} for n in acc}, None
+    return {n: {k: contribution[k](captured[n]) for k in kinds} for n in distinct}
 
   def zeros(n, kind):
     d = _in_features(layer_params, n)
     shape = {"hessian": (d, d), "max": (), "min": (), "moments": (4,)}.get(kind, (d,))
-    fill = {"max": -jnp.inf, "min": jnp.inf}.get(kind, 0.0)
+    fill = {"absmax": -jnp.inf, "max": -jnp.inf, "min": jnp.inf}.get(kind, 0.0)
     return jnp.full(shape, fill, jnp.float32)
 
-  combine = {"absmax": jnp.max, "max": jnp.max, "min": jnp.min}
-  reduce = lambda shards: {n: {k: combine.get(k, jnp.sum)(v, axis=0) for k, v in s.items()} for n, s in shards.items()}
-  acc = meshlib.scan_rows(body, {n: {k: zeros(n, k) for k in kinds} for n in distinct}, x, model.mesh, reduce)
+  pairs = lambda a, b: {n: {k: combine.get(k, jnp.add)(a[n][k], b[n][k]) for k in kinds} for n in distinct}
+  init = {n: {k: zeros(n, k) for k in kinds} for n in distinct}
+  acc = meshlib.reduce_rows(window, pairs, init, layer_params, x, model.mesh)
   scale = {"hessian": 2.0 / x.shape[0], "absmean": 1.0 / (x.shape[0] * x.shape[1])}
   stats = {n: {k: v * scale.get(k, 1.0) for k, v in s.items()} for n, s in acc.items()}
   return {n: stats[source[n]] for n in names}

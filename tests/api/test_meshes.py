@@ -1,6 +1,7 @@
 """Sharded quantization against one device: ``eval/mesh_parity.py`` on stories260K with 8 forced host devices
-(a subprocess: the device count is fixed when JAX starts), GPTQ act-order g32 under ``data=2,model=4`` (both
-axes: windows split over data, rows of each linear split over all 8 devices, FSDP and tensor-parallel weights)."""
+(a subprocess: the device count is fixed when JAX starts), GPTQ act-order g32 under ``data=2,model=4`` (windows
+and each linear's rows split over all 8 devices, FSDP and tensor-parallel weights for evaluation): the Hessians'
+fixed summation tree makes every code equal one device's."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,6 @@ def test_gptq_perplexity_and_generation_under_a_mesh_equal_one_device(tmp_path):
   fp = res["float"]["data=2,model=4"]
   assert fp["greedy_identical"] and fp["ppl_rel_diff"] < 1e-5
   g = res["methods"]["gptq"]["data=2,model=4"]
-  assert g["weights"] > 200_000 and g["codes_equal"] >= 0.999
+  assert g["weights"] > 200_000 and g["codes_equal"] == 1.0
   assert g["ppl_rel_diff"] < 1e-5 and g["greedy_identical"]
   assert res["methods"]["gptq"]["1 device"]["ppl"] > res["float"]["1 device"]["ppl"]   # quantization did act
