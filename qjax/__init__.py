@@ -7,6 +7,7 @@ The public API (imported lazily, so ``import qjax`` is cheap)::
     q = qjax.quantize_model(loaded.model, loaded.params, recipe,
                             calibration=qjax.calibration_windows(loaded.model, tokens, 128, 2048))
     qjax.save(q, "out/ckpt", source_dir="path/to/model")
+    qjax.quantize_streaming("path/to/model", recipe, windows, "out/ckpt")   # layer by layer, bounded memory
 
 Every method config (weights, activations, KV caches) is importable from :mod:`qjax.methods`. The package
 layout, imports flowing one way: ``core`` (errors, trees, packing, quantizer math, stored formats) -> ``kernels``
@@ -22,6 +23,7 @@ _EXPORTS = {"Recipe": "qjax.api", "Rule": "qjax.api", "Quantized": "qjax.api", "
             "load_recipe": "qjax.api", "dump_recipe": "qjax.api",
             "Calibration": "qjax.calibration", "calibration_windows": "qjax.calibration",
             "Loaded": "qjax.io.quantized", "load": "qjax.io.quantized", "save": "qjax.io.quantized",
+            "quantize_streaming": "qjax.io.streaming",
             "perplexity": "qjax.evaluation.perplexity", "InputError": "qjax.core.errors"}
 
 __all__ = sorted(_EXPORTS)

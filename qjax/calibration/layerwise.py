@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,26 @@ import numpy as np
 from qjax.calibration import training
 from qjax.calibration.memory import activation_bytes, check_memory_budget, peak_host_bytes
 from qjax.calibration.reports import CalibrationReport, LayerReport
+from qjax.core import deferred
 from qjax.core import mesh as meshlib
 from qjax.core import tree
 from qjax.core.progress import bar as progress_bar
 from qjax.models import CausalLM, capture
+
+
+class LayerStore(Protocol):
+  """Where a streaming run puts each finished decoder layer (:class:`qjax.io.streaming.StagedLayers`): written as
+  soon as it is done, then dropped from memory; a resumed run skips the layers already stored."""
+
+  def finished(self) -> int:
+    """How many leading layers are stored already (0 for a fresh run)."""
+
+  def write(self, i: int, layer: dict, report: "LayerReport") -> dict:
+    """Stores layer ``i`` (paths relative to it) with its report; returns its placeholder tree (Deferred leaves
+    with the stored tensors' shapes and bytes)."""
+
+  def stored(self, i: int) -> tuple[dict, "LayerReport"]:
+    """``(placeholder tree, report)`` of a stored layer."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +58,7 @@ class Calibration:
   model: CausalLM
   windows: np.ndarray
   layer_report: bool = False   # measure each layer's output error (one more layer forward per layer)
+  store: LayerStore | None = None   # streaming: finished layers written out, not kept (qjax.io.streaming)
 
   def placed_windows(self) -> jax.Array:
     """The windows as a device array, on ``model.mesh`` split over all its devices (each process of a
@@ -85,33 +103,53 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
   With ``calibration.layer_report`` the report has each layer's relative output error ``||new(x) - fp(x)||^2 /
   ||fp(x)||^2``, which costs running both layers; without it (the default) only the layer that ``propagate``
   names runs and the error is None. The input tree is not modified.
+
+  Streaming (``calibration.store``, :mod:`qjax.io.streaming`): ``params`` may hold :class:`qjax.core.deferred.Deferred`
+  leaves; each layer's are read when the walk reaches it, the finished layer goes to the store and only its
+  placeholders stay, so host memory holds one layer (plus the embeddings and the activations) at any depth. A
+  resumed walk runs the stored layers on the calibration inputs (the same function on the same values: the same
+  bits) and continues after them.
   """
   if propagate not in ("new", "fp"):
     raise ValueError(f"propagate must be 'new' or 'fp', got {propagate!r}")
   model = calibration.model
   fam = model.family
+  store = calibration.store
+  done = 0 if store is None else store.finished()
   windows = calibration.placed_windows()
   check_memory_budget(model, *windows.shape)
   start = time.perf_counter()
   flat = tree.flatten(params)
-  x = capture.embed_windows(model, params, windows)
+  x = capture.embed_windows(model, tree.unflatten({p: v for p, v in flat.items() if not deferred.is_deferred(v)}),
+                            windows)
   reports = []
   for i in progress_bar(range(model.config.num_layers), desc=desc, enabled=progress):
     t0 = time.perf_counter()
     prefix = fam.layer_path(i)
-    fp_layer = tree.subtree(flat, prefix)
-    layer, losses = process(i, prefix, fp_layer, x)
-    if layer is fp_layer or calibration.layer_report:
-      y = capture.run_layer(model, layer, x)
-      y_fp = y if layer is fp_layer else capture.run_layer(model, fp_layer, x)  # unchanged layers run once
-      rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
-      x = y if propagate == "new" else y_fp
-      del y, y_fp
+    fp_layer = tree.subtree(flat, prefix)       # with Deferred leaves in a streaming run: read below, when needed
+    if i < done:                                # resumed: the stored layer's outputs, nothing recomputed
+      placeholders, report = store.stored(i)
+      layer = deferred.materialize(placeholders if propagate == "new" else fp_layer)
+      x = capture.run_layer(model, layer, x)
+      layer = placeholders
     else:
-      rel, x = None, capture.run_layer(model, layer if propagate == "new" else fp_layer, x)
+      fp_layer = deferred.materialize(fp_layer)
+      layer, losses = process(i, prefix, fp_layer, x)
+      if layer is fp_layer or calibration.layer_report:
+        y = capture.run_layer(model, layer, x)
+        y_fp = y if layer is fp_layer else capture.run_layer(model, fp_layer, x)  # unchanged layers run once
+        rel = float(jnp.sum((y - y_fp) ** 2) / jnp.maximum(jnp.sum(y_fp**2), 1e-30))
+        x = y if propagate == "new" else y_fp
+        del y, y_fp
+      else:
+        rel, x = None, capture.run_layer(model, layer if propagate == "new" else fp_layer, x)
+      report = LayerReport(i, time.perf_counter() - t0, rel, losses)
+      if store is not None:
+        layer = store.write(i, layer, report)
+    del fp_layer
     for p, v in tree.flatten(layer).items():
       flat[f"{prefix}/{p}"] = v
-    reports.append(LayerReport(i, time.perf_counter() - t0, rel, losses))
+    reports.append(report)
   report = CalibrationReport(tuple(reports), time.perf_counter() - start, peak_host_bytes(),
                              activation_bytes(model, *windows.shape))
   return tree.unflatten(flat), report

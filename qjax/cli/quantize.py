@@ -17,6 +17,7 @@ from qjax.cli import activations as act_cli
 from qjax.cli import common as cli
 from qjax.cli import kv as kv_cli
 from qjax.cli import recipe
+from qjax.cli import weights as method_cli
 from qjax.core import tree
 from qjax.core.errors import InputError
 from qjax.core.formats.nf4 import NF4LoRAArray
@@ -65,6 +66,13 @@ def build_parser() -> cli.Parser:
   p.add_argument("--save-adapters", metavar="DIR",
                  help="also write the LoRA adapters alone, PEFT layout (adapter_config.json + "
                       "adapter_model.safetensors); --method qlora")
+  p.add_argument("--stream", action="store_true",
+                 help="quantize a float safetensors folder or GGUF file layer by layer straight into --save (layers read one at a "
+                      "time, each written when done: host memory ~ embeddings + one layer + activations; "
+                      "gptq or awq; no evaluation: evaluate the output with --load)")
+  p.add_argument("--resume", action="store_true",
+                 help="with --stream: continue the interrupted run to the same --save (same model, recipe and "
+                      "calibration) after its last finished layer")
   p.add_argument("--overwrite", action="store_true",
                  help="allow --save/--json/--export-*/--save-adapters to replace existing paths")
   p.add_argument("--json", help="write the results as JSON to this file")
@@ -139,10 +147,82 @@ def _validate(args, given):
       checkpoint.check_destination(dest, args.overwrite, f"{flag} folder")
 
 
+_NOT_STREAMED = ("load", "baseline", "tasks", "limit", "num_fewshot", "export_gptq", "export_gguf", "save_adapters",
+                 "analyze_stats", "layerwise_distance", "ppl_datasets", "ppl_text", "seqlen", "eval_nsamples",
+                 "batch_size", "kernel")
+
+
+def _validate_stream(args, given):
+  if not args.stream:
+    if args.resume:
+      raise InputError("--resume continues an interrupted --stream run: add --stream")
+    return
+  clash = [cli.flag(f) for f in _NOT_STREAMED if f in given] + (["--eval ppl"] if args.eval == "ppl" and "eval"
+                                                                 in given else [])
+  if clash:
+    raise InputError(f"--stream only writes the checkpoint: {', '.join(clash)} cannot be combined with it "
+                     f"(evaluate the output afterwards with --load DIR)")
+  if not args.save:
+    raise InputError("--stream writes the checkpoint layer by layer: give --save DIR")
+  if args.num_processes > 1:
+    raise InputError("--stream runs in one process (a --mesh over its devices is fine)")
+  if getattr(args, "calib_dataset", None) == cli.GENERATED:
+    raise InputError("--stream calibrates on a text: --calib-dataset generated needs the whole model")
+  recipe.validate(args, given, cli.model_config(args))
+
+
+def _run_stream(args, given) -> int:
+  """``--stream``: :func:`qjax.io.streaming.quantize_streaming` of the flags' recipe, then the summary."""
+  from qjax.io import streaming
+  from qjax.models import CausalLM
+  mesh = cli.setup_devices(args)
+  config = cli.model_config(args)
+  if config is None:
+    raise InputError(f"--stream reads a safetensors folder or a GGUF file; {cli.model_source(args)} has no config.json")
+  model = CausalLM(config, args.dtype, mesh=mesh)
+  rec = recipe.from_flags(args, given, model, None)
+  streaming.check_streamable(rec)
+  tok = data.load_tokenizer(cli.model_dir(args))
+  calib = method_cli.calibration_data(args, model, None, tok, args.seed, not args.no_progress)
+  q, rep = streaming.quantize_streaming(cli.model_source(args), rec, calib.windows, args.save, dtype=args.dtype,
+                                        mesh=mesh, resume=args.resume, overwrite=args.overwrite,
+                                        layer_report=args.layer_report, progress=not args.no_progress)
+  report = next(iter(q.reports.values()))
+  n, seqlen = calib.windows.shape
+  out = {"stream": rep.to_dict(), "calibration": {"nsamples": int(n), "seqlen": int(seqlen), **report.to_dict()},
+         "rules": [r.to_dict() for r in q.rules], "recipe": rec.to_dict(),
+         "timing": {"quantize_seconds": q.seconds, "compile_seconds": q.compile_seconds}}
+  _print_calibration(out["calibration"], {p for _, p in model.family.linears})
+  m = rep.memory
+  print(cli.format_table(["streamed", "value"], [
+      ["method", " + ".join(sorted({r.method or "float" for r in q.rules}))],
+      ["checkpoint", str(rep.path)],
+      ["layers", f"{config.num_layers} ({rep.resumed_layers} finished before this run)" if rep.resumed_layers
+       else str(config.num_layers)],
+      ["bits / quantized weight", " / ".join(f"{r.bits_per_weight:.3f}" for r in q.rules
+                                             if r.bits_per_weight is not None)],
+      ["estimated peak memory", f"{_mib(m.total_bytes)} (resident {_mib(m.resident_bytes)}, one layer "
+                                f"{_mib(m.layer_bytes)}, activations {_mib(m.activation_bytes)})"],
+      ["peak host memory (process)", _mib(report.peak_host_bytes)],
+      ["quantize time", f"{q.seconds:.2f} s (of which compiling {q.compile_seconds:.2f} s)"]]))
+  if args.json:
+    cli.write_json(args.json, out)
+  return 0
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:,.1f} MiB"
+
+
 def run(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   given = cli.given_flags(parser, argv, args)
+  _validate_stream(args, given)
+  if args.stream:
+    if args.json:
+      checkpoint.check_destination(args.json, args.overwrite, "--json file")
+    return _run_stream(args, given)
   _validate(args, given)
   texts = _texts(args) if args.eval == "ppl" else {}
   model, params, meta = cli.load_model(args)
@@ -292,6 +372,21 @@ def _export_gptq(args, recipe_, qparams, source_dir):
   return summary
 
 
+def _print_calibration(c, linears):
+  """The per-layer calibration table (linear losses summed; other per-layer figures, e.g. AWQ's alpha or LKD's
+  MSE, one column each) and its totals."""
+  keys = {k for l in c["layers"] for k in l["linear_losses"]}
+  extra = sorted(keys - linears)
+  summed = ["sum of losses"] if keys & linears else []
+  errors = ["rel. output error"] if any(l["output_rel_error"] is not None for l in c["layers"]) else []
+  print(cli.format_table(["layer", *errors, *summed, *extra, "seconds"], [
+      [l["layer"], *[f"{l['output_rel_error']:.3e}" for _ in errors],
+       *[f"{sum(v for k, v in l['linear_losses'].items() if k in linears):.4g}" for _ in summed],
+       *[l["linear_losses"].get(k, "-") for k in extra], f"{l['seconds']:.2f}"] for l in c["layers"]]))
+  print(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['seconds']:.1f} s, activations "
+        f"{c['activation_bytes'] / 2**20:.1f} MiB, peak host memory {c['peak_host_bytes'] / 2**30:.2f} GiB\n")
+
+
 def _print_summary(out, results, baseline, method, linears):
   """Tables: per-layer calibration (linear losses summed; other per-layer figures, e.g. AWQ's alpha or LKD's
   MSE, one column each), perplexity, size and paths."""
@@ -307,17 +402,7 @@ def _print_summary(out, results, baseline, method, linears):
       print(f"resumed from step {t['resumed_from']}")
     print()
   if "calibration" in out:
-    c = out["calibration"]
-    keys = {k for l in c["layers"] for k in l["linear_losses"]}
-    extra = sorted(keys - linears)
-    summed = ["sum of losses"] if keys & linears else []
-    errors = ["rel. output error"] if any(l["output_rel_error"] is not None for l in c["layers"]) else []
-    print(cli.format_table(["layer", *errors, *summed, *extra, "seconds"], [
-        [l["layer"], *[f"{l['output_rel_error']:.3e}" for _ in errors],
-         *[f"{sum(v for k, v in l['linear_losses'].items() if k in linears):.4g}" for _ in summed],
-         *[l["linear_losses"].get(k, "-") for k in extra], f"{l['seconds']:.2f}"] for l in c["layers"]]))
-    print(f"calibration: {c['nsamples']} x {c['seqlen']} tokens, {c['seconds']:.1f} s, activations "
-          f"{c['activation_bytes'] / 2**20:.1f} MiB, peak host memory {c['peak_host_bytes'] / 2**30:.2f} GiB\n")
+    _print_calibration(out["calibration"], linears)
   rows = []
   for n, r in results.items():
     b = baseline.get(n)

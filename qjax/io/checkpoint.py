@@ -4,8 +4,11 @@ Layout of a checkpoint folder::
 
     config.json         the source model's HF config (architecture)
     qjax.json           format version, compute dtype, method and its config, the type and static fields of every
-                        quantized tensor (QArray, ...)
-    params/             orbax StandardCheckpointer of the tree, each quantized tensor stored as a dict of its arrays
+                        quantized tensor (QArray, ...), and ``parts``: which folder holds which subtree
+    params/             orbax StandardCheckpointer of the tree outside the decoder layers (all of it in v1), each
+                        quantized tensor stored as a dict of its arrays
+    layers/<i>/         the same for decoder layer ``i`` (paths relative to it): a streaming run writes each layer
+                        as soon as it is quantized (:mod:`qjax.io.streaming`), and a reader may restore one layer
     tokenizer files     copied from the source model folder
 
 Saving is atomic: everything is written into a temporary sibling folder that is renamed into place at the end,
@@ -17,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,7 +35,8 @@ from qjax.core.errors import InputError
 from qjax.core.formats import QUANTIZED_TYPES, QuantizedTensor  # the package: every stored format registered
 from qjax.core.formats.base import data_fields, static_fields
 
-FORMAT = "qjax-checkpoint-v1"
+FORMAT = "qjax-checkpoint-v2"
+READABLE_FORMATS = ("qjax-checkpoint-v1", FORMAT)   # v1: one part, params/ holds the whole tree
 # Checkpoints name each quantized tensor's type and module; only qjax's own stored formats (the types registered
 # by :mod:`qjax.core.formats`) are accepted, and loading never imports anything. Module names that
 # checkpoints written before the formats moved into ``qjax.core.formats`` carry are accepted as aliases.
@@ -107,37 +112,68 @@ def atomic_file(dest, mode: str = "w"):
 
 
 def save(dest, params, *, source_dir, dtype: str, method: dict, overwrite: bool = False,
-         kv_calibration: dict | None = None, recipe: dict | None = None) -> Path:
+         kv_calibration: dict | None = None, recipe: dict | None = None, layer_paths: tuple[str, ...] = ()) -> Path:
   """Writes ``params`` (with QArrays) and metadata to ``dest`` atomically. Returns ``dest``.
 
+  ``layer_paths`` (the family's ``model/layers_<i>``): each of these subtrees is its own part ``layers/<i>/``.
   ``kv_calibration`` (``{"metadata": JSON-able, "arrays": {name: array}}``, e.g. KVQuant's) is stored as
   ``kv_calibration.npz`` plus an entry of ``qjax.json``; :func:`load_kv_calibration` reads it back."""
   dest = check_destination(dest, overwrite).resolve()
-  source_dir = Path(source_dir)
-  flat, qmeta = {}, {}
-  for path, leaf in tree.flatten(params).items():
+  with atomic_dir(dest) as tmp:
+    write_folder(tmp, params, source_dir=source_dir, dtype=dtype, method=method, kv_calibration=kv_calibration,
+                 recipe=recipe, layer_paths=layer_paths)
+  return dest
+
+
+def write_part(folder: Path, flat: dict) -> dict:
+  """One part: ``flat`` (``{relative path: array or quantized tensor}``) as an orbax checkpoint in ``folder``.
+  Returns the part's ``{relative path: type and static fields}`` of its quantized tensors."""
+  arrays, qmeta = {}, {}
+  for path, leaf in flat.items():
     if isinstance(leaf, QuantizedTensor):
       cls = type(leaf)
       qmeta[path] = {"type": cls.__name__, "module": cls.__module__,
                      **{k: getattr(leaf, k) for k in static_fields(cls)}}
-      flat.update({f"{path}/{k}": getattr(leaf, k) for k in data_fields(cls) if getattr(leaf, k) is not None})
+      arrays.update({f"{path}/{k}": getattr(leaf, k) for k in data_fields(cls) if getattr(leaf, k) is not None})
     else:
-      flat[path] = leaf
-  with atomic_dir(dest) as tmp:
-    ckpt = _checkpointer()
-    ckpt.save(tmp / "params", tree.unflatten(flat))
-    ckpt.wait_until_finished()
-    shutil.copy2(source_dir / "config.json", tmp / "config.json")
-    copy_tokenizer(source_dir, tmp)
-    meta = {"format": FORMAT, "dtype": dtype, "method": method, "qarrays": qmeta}
-    if recipe is not None:
-      meta["recipe"] = recipe  # qjax.api.Recipe.to_dict() of what made the checkpoint
-    if kv_calibration is not None:
-      meta["kv_calibration"] = kv_calibration["metadata"]
-      np.savez(tmp / "kv_calibration.npz", **{k.replace("/", "."): np.asarray(v)
-                                              for k, v in kv_calibration["arrays"].items()})
-    (tmp / "qjax.json").write_text(json.dumps(meta, indent=1))
-  return dest
+      arrays[path] = leaf
+  ckpt = _checkpointer()
+  ckpt.save(folder, tree.unflatten(arrays))
+  ckpt.wait_until_finished()
+  return qmeta
+
+
+def layer_part(i: int) -> str:
+  return f"layers/{i}"
+
+
+def write_folder(folder: Path, params, *, source_dir, dtype: str, method: dict, kv_calibration: dict | None = None,
+                 recipe: dict | None = None, layer_paths: tuple[str, ...] = (), written: dict | None = None):
+  """Fills ``folder`` (a temporary one, published by the caller) with the checkpoint of ``params``.
+  ``written``: ``{part: its write_part result}`` of layer parts already in ``folder`` (a streaming run's); their
+  leaves in ``params`` are placeholders and are not written again."""
+  source_dir = Path(source_dir)
+  written = written or {}
+  flat = tree.flatten(params)
+  parts, qmeta = {}, {}
+  for i, prefix in enumerate(layer_paths):
+    sub = {p[len(prefix) + 1:]: flat.pop(p) for p in [p for p in flat if p.startswith(prefix + "/")]}
+    name = layer_part(i)
+    part_meta = written[name] if name in written else write_part(folder / name, sub)
+    parts[name] = prefix
+    qmeta.update({f"{prefix}/{p}": m for p, m in part_meta.items()})
+  qmeta.update(write_part(folder / "params", flat))
+  parts["params"] = ""
+  shutil.copy2(source_dir / "config.json", folder / "config.json")
+  copy_tokenizer(source_dir, folder)
+  meta = {"format": FORMAT, "dtype": dtype, "method": method, "qarrays": qmeta, "parts": parts}
+  if recipe is not None:
+    meta["recipe"] = recipe  # qjax.api.Recipe.to_dict() of what made the checkpoint
+  if kv_calibration is not None:
+    meta["kv_calibration"] = kv_calibration["metadata"]
+    np.savez(folder / "kv_calibration.npz", **{k.replace("/", "."): np.asarray(v)
+                                               for k, v in kv_calibration["arrays"].items()})
+  (folder / "qjax.json").write_text(json.dumps(meta, indent=1))
 
 
 def load_kv_calibration(path) -> dict | None:
@@ -159,14 +195,19 @@ def atomic_dir(dest: Path):
   tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=_write_base(dest)))
   try:
     yield tmp
-    umask = current_umask()
-    for p in [tmp, *tmp.rglob("*")]:
-      if not p.is_symlink():
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-    _publish(tmp, dest)
+    publish_dir(tmp, dest)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def publish_dir(tmp: Path, dest: Path):
+  """Gives everything in the finished folder ``tmp`` the usual modes and renames it to ``dest``."""
+  umask = current_umask()
+  for p in [tmp, *tmp.rglob("*")]:
+    if not p.is_symlink():
+      os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+  _publish(tmp, Path(dest).absolute())
 
 
 def copy_tokenizer(source_dir: Path, dest: Path):
@@ -196,10 +237,14 @@ def read_meta(path) -> dict:
     d = json.loads(meta.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise InputError(f"checkpoint {path}: qjax.json is damaged ({e})") from None
-  if not isinstance(d, dict) or d.get("format") != FORMAT:
+  if not isinstance(d, dict) or d.get("format") not in READABLE_FORMATS:
     raise InputError(f"{path} has unsupported checkpoint format {d.get('format') if isinstance(d, dict) else d!r}")
   if not isinstance(d.get("qarrays"), dict) or not isinstance(d.get("method"), dict) or "dtype" not in d:
     raise InputError(f"checkpoint {path}: qjax.json lacks its 'method', 'dtype' or 'qarrays' entries")
+  parts = d.setdefault("parts", {"params": ""})
+  if (not isinstance(parts, dict) or any(not isinstance(k, str) or not isinstance(v, str) for k, v in parts.items())
+      or any(not _PART.fullmatch(k) for k in parts)):
+    raise InputError(f"checkpoint {path}: qjax.json has a malformed 'parts' entry")
   return d
 
 
@@ -225,18 +270,28 @@ def load_params(path) -> tuple[dict, dict]:
   InputError naming what is wrong."""
   path = Path(path).resolve()
   meta = read_meta(path)
-  try:
-    flat = tree.flatten(_checkpointer().restore(path / "params"))
-  except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise InputError(f"checkpoint {path}: the arrays under params/ cannot be read ({first})") from None
-  for qpath, static in meta["qarrays"].items():
+  flat = {}
+  for part, prefix in meta["parts"].items():
+    flat.update({f"{prefix}/{p}" if prefix else p: v for p, v in read_part(path, part).items()})
+  return tree.unflatten(rebuild(path, flat, meta["qarrays"])), meta
+
+
+def read_layer(path: Path, part: str, qmeta: dict) -> dict:
+  """One layer part alone (``qmeta``: its quantized tensors' entries, paths relative to the layer) -> its tree."""
+  return tree.unflatten(rebuild(Path(path), read_part(Path(path), part), qmeta))
+
+
+def rebuild(path: Path, flat: dict, qarrays: dict) -> dict:
+  """``{path: array or quantized tensor}`` from the stored arrays ``flat`` (quantized tensors split into their
+  fields) and their ``qarrays`` metadata; types only from qjax's own registry (:func:`_quantized_type`)."""
+  flat = dict(flat)
+  for qpath, static in qarrays.items():
     static = dict(static)
     cls = _quantized_type(path, qpath, static)
     required = [f.name for f in dataclasses.fields(cls) if f.name in data_fields(cls) and "None" not in str(f.type)]
     missing = [f"{qpath}/{k}" for k in required if f"{qpath}/{k}" not in flat]
     if missing:
-      raise InputError(f"checkpoint {path}: params/ lacks {', '.join(missing[:3])}")
+      raise InputError(f"checkpoint {path}: its arrays lack {', '.join(missing[:3])}")
     fields = {k: (None if f"{qpath}/{k}" not in flat else jnp.asarray(flat.pop(f"{qpath}/{k}")))
               for k in data_fields(cls)}
     static = {k: tuple(v) if isinstance(v, list) else v for k, v in static.items()}
@@ -244,7 +299,19 @@ def load_params(path) -> tuple[dict, dict]:
       flat[qpath] = cls(**fields, **static)
     except (TypeError, ValueError) as e:
       raise InputError(f"checkpoint {path}: {qpath} cannot be rebuilt as {cls.__name__} ({e})") from None
-  return tree.unflatten({k: (v if isinstance(v, QuantizedTensor) else jnp.asarray(v)) for k, v in flat.items()}), meta
+  return {k: (v if isinstance(v, QuantizedTensor) else jnp.asarray(v)) for k, v in flat.items()}
+
+
+_PART = re.compile(r"params|layers/\d+")   # part folders a checkpoint may name (never a path outside it)
+
+
+def read_part(path: Path, part: str) -> dict:
+  """``{relative path: array}`` of one part's arrays (quantized tensors still split into their fields)."""
+  try:
+    return tree.flatten(_checkpointer().restore(path / part))
+  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise InputError(f"checkpoint {path}: the arrays under {part}/ cannot be read ({first})") from None
 
 
 def _checkpointer():

@@ -17,6 +17,7 @@ export). The GGUF file itself is only read.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core import tree
+from qjax.core.deferred import Deferred
 from qjax.core.errors import InputError
 from qjax.io import checkpoint
 from qjax.models import CausalLM, ModelConfig
@@ -126,9 +128,10 @@ def rope_heads(model: CausalLM) -> dict[str, int]:
           for r in fam.rope_roles for kind in ("weight", "bias")}
 
 
-def load_model(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
-  """``(model, params)`` from a GGUF file, every tensor dequantized to ``dtype`` (see the module docstring)."""
-  import gguf
+def load_model(path, dtype: str = "float32", *, stream: bool = False) -> tuple[CausalLM, dict]:
+  """``(model, params)`` from a GGUF file, every tensor dequantized to ``dtype`` (see the module docstring).
+  ``stream``: the decoder layers' tensors stay in the file as :class:`GGUFTensor` leaves, read and dequantized
+  when the layer-wise calibration reaches them."""
   path = Path(path)
   reader = open_reader(path)
   model = CausalLM(ModelConfig.from_hf(hf_config(reader, path)), dtype)
@@ -142,21 +145,47 @@ def load_model(path, dtype: str = "float32") -> tuple[CausalLM, dict]:
   if unknown or missing or extra:
     raise InputError(f"{path} does not match its metadata: missing {(unknown + missing)[:3]}, unexpected "
                      f"{extra[:3]}")
-  heads, dt, flat = rope_heads(model), DTYPES[dtype], {}
+  heads, flat = rope_heads(model), {}
   for name, p in wanted.items():
     t = tensors[name]
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))     # GGUF lists dimensions innermost first
+    if shape != tuple(shapes[p]):
+      raise InputError(f"GGUF tensor {name} in {path} has shape {shape}, its metadata implies {tuple(shapes[p])}")
+    lazy = GGUFTensor(str(path), name, shape, heads.get(p), int(t.n_bytes), dtype)
+    flat[p] = lazy if stream and model.family.in_layer(p) else lazy.read(t)
+  return model, tree.unflatten(flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor(Deferred):
+  """One tensor of a GGUF file (memory-mapped), dequantized to ``dtype`` (and its rotary heads un-permuted,
+  ``heads``) only when :meth:`load` is called."""
+  file: str
+  name: str
+  shape: tuple[int, ...]
+  heads: int | None
+  nbytes: int
+  dtype: str = "float32"
+
+  def load(self):
+    t = next(t for t in open_reader(self.file).tensors if t.name == self.name)
+    return self.read(t)
+
+  def read(self, t):
+    """The dequantized array of ``t`` (this tensor's entry of an open reader)."""
+    import gguf
     try:
       a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     except (ValueError, NotImplementedError, TypeError) as e:
-      raise InputError(f"cannot read tensor {name} ({t.tensor_type.name}) of {path}: {e}") from None
-    if a.shape != tuple(shapes[p]):
-      raise InputError(f"GGUF tensor {name} in {path} has shape {a.shape}, its metadata implies {tuple(shapes[p])}")
-    if p in heads:
-      a = unpermute(a, heads[p])
+      raise InputError(f"cannot read tensor {self.name} ({t.tensor_type.name}) of {self.file}: {e}") from None
+    if a.shape != self.shape:
+      raise InputError(f"GGUF tensor {self.name} in {self.file} has shape {a.shape}, its metadata implies "
+                       f"{self.shape}")
+    if self.heads is not None:
+      a = unpermute(a, self.heads)
     if not np.all(np.isfinite(a)):
-      raise InputError(f"GGUF tensor {name} in {path} contains NaN or Inf values")
-    flat[p] = jnp.asarray(a, dtype=dt)
-  return model, tree.unflatten(flat)
+      raise InputError(f"GGUF tensor {self.name} in {self.file} contains NaN or Inf values")
+    return jnp.asarray(a, dtype=DTYPES[self.dtype])
 
 
 GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"  # the source's tokenizer.* metadata, carried by views and checkpoints

@@ -47,6 +47,11 @@ def load(path, dtype: str = "float32") -> Loaded:
   return Loaded(model, params, data.load_tokenizer(path), meta)
 
 
+def layer_paths(model: CausalLM) -> tuple[str, ...]:
+  """The decoder layers' subtrees, each its own part of a checkpoint."""
+  return tuple(model.family.layer_path(i) for i in range(model.config.num_layers))
+
+
 def save(q: Quantized, path, *, source_dir, overwrite: bool = False, method: dict | None = None) -> Path:
   """Writes ``q`` as a qjax checkpoint (atomically; the recipe, and a KVQuant calibration, travel with it);
   ``source_dir``: the float model's folder (its config and tokenizer files are copied); ``method``: the record of
@@ -56,5 +61,5 @@ def save(q: Quantized, path, *, source_dir, overwrite: bool = False, method: dic
   source_dir = gguf_load.hf_view(source) if gguf_load.is_gguf(source) else source
   return checkpoint.save(path, q.params, source_dir=source_dir, dtype=q.model.dtype,
                          method=method_record(q) if method is None else method,
-                         overwrite=overwrite, recipe=q.recipe.to_dict(),
+                         overwrite=overwrite, recipe=q.recipe.to_dict(), layer_paths=layer_paths(q.model),
                          kv_calibration=q.kv.calibration.to_dict() if q.kv and q.kv.calibration else None)

@@ -31,13 +31,14 @@ class Method:
   needs_calibration: Callable    # config -> bool (ZeroQuant needs calibration only with LKD)
   mixed: bool                    # whether one run may hold several different configs
   decoder_only: bool             # whether it quantizes decoder-layer linears only (layer-wise methods)
+  streams: bool = False          # whether its handler only walks the layers (Calibration.walk): it may stream
 
 
 _METHODS: dict[type, Method] = {}
 
 
 def register_method(config_type: type, *, name: str, needs_calibration=False, mixed: bool = True,
-                    decoder_only: bool = True):
+                    decoder_only: bool = True, streams: bool = False):
   """Class-of-config -> handler registration (see the module docstring). ``needs_calibration``: a bool or a
   predicate of the config; ``mixed=False``: every path of one run must share one config (e.g. AWQ, whose scale
   search spans the linears that read one input); ``decoder_only=False``: any 2-D weight (e.g. ``lm_head``)."""
@@ -46,7 +47,7 @@ def register_method(config_type: type, *, name: str, needs_calibration=False, mi
   def deco(fn):
     if config_type in _METHODS:
       raise ValueError(f"{config_type.__name__} is already registered to {_METHODS[config_type].name}")
-    _METHODS[config_type] = Method(name, config_type, fn, predicate, mixed, decoder_only)
+    _METHODS[config_type] = Method(name, config_type, fn, predicate, mixed, decoder_only, streams)
     return fn
 
   return deco

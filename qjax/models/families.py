@@ -42,6 +42,11 @@ class Family:
   def layer_path(self, i: int) -> str:
     return f"{self.layers_prefix}_{i}"
 
+  def in_layer(self, path: str) -> bool:
+    """Whether the parameter ``path`` belongs to a decoder layer."""
+    head, sep, rest = path.partition(self.layers_prefix + "_")
+    return not head and bool(sep) and rest.split("/", 1)[0].isdigit()
+
   def linear_path(self, role: str) -> str:
     return dict(self.linears)[role]
 

@@ -21,6 +21,7 @@ import jax
 
 from qjax.core import mesh as meshlib
 from qjax.core import tree
+from qjax.core.deferred import is_deferred
 from qjax.core.formats.base import is_quantized
 
 _OUT, _IN = ("model", "data"), ("data", "model")
@@ -55,7 +56,9 @@ def shard_params(model, params):
   out = {}
   for path, leaf in tree.flatten(params).items():
     spec = wanted_spec(model, path)
-    if is_quantized(leaf):
+    if is_deferred(leaf):        # still on disk (a streaming run): placed when read
+      out[path] = leaf
+    elif is_quantized(leaf):
       out[path] = jax.tree.map(lambda a, s=spec: _place(mesh, a, s if a.ndim == 2 else ()), leaf)
     else:
       out[path] = _place(mesh, leaf, spec)

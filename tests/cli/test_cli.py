@@ -331,7 +331,7 @@ def _no_temp_leftovers(parent: Path):
 def _is_checkpoint(d: Path, source: Path):
   assert (d / "params").is_dir()
   meta = json.loads((d / "qjax.json").read_text())
-  assert meta["format"] == "qjax-checkpoint-v1"
+  assert meta["format"] == "qjax-checkpoint-v2" and (d / "layers" / "0").is_dir()
   assert json.loads((d / "config.json").read_text()) == json.loads((source / "config.json").read_text())
   assert any((d / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
   return meta

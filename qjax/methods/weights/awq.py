@@ -270,7 +270,7 @@ def quantize_layer(model: CausalLM, config: AWQConfig, layer: dict, hessians: di
   return tree.unflatten(flat), losses
 
 
-@register_method(AWQConfig, name="awq", needs_calibration=True, mixed=False)
+@register_method(AWQConfig, name="awq", needs_calibration=True, mixed=False, streams=True)
 def quantize(params, rules, *, model=None, calibration=None, progress: bool = True):
   """Model-level AWQ, the registered handler: ``(params, CalibrationReport)`` with the decoder linears of
   ``rules`` (a config on its targets, or ``{path: config}`` with one config: the scale search spans the linears

@@ -222,7 +222,7 @@ class GPTQConfig:
       raise InputError(f"block size must be positive, got {self.block_size}")
 
 
-@register_method(GPTQConfig, name="gptq", needs_calibration=True)
+@register_method(GPTQConfig, name="gptq", needs_calibration=True, streams=True)
 def quantize(params, rules, *, model=None, calibration=None, progress: bool = True):
   """Model-level GPTQ, the registered handler: ``(params, CalibrationReport)`` with every decoder linear of
   ``rules`` (a config on its targets, or ``{path: config}``: per-linear bits, groups, ...) as a QArray, layer by
