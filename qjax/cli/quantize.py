@@ -184,9 +184,14 @@ def _run_stream(args, given) -> int:
   streaming.check_streamable(rec)
   tok = data.load_tokenizer(cli.model_dir(args))
   calib = method_cli.calibration_data(args, model, None, tok, args.seed, not args.no_progress)
-  q, rep = streaming.quantize_streaming(cli.model_source(args), rec, calib.windows, args.save, dtype=args.dtype,
-                                        mesh=mesh, resume=args.resume, overwrite=args.overwrite,
-                                        layer_report=args.layer_report, progress=not args.no_progress)
+  try:
+    q, rep = streaming.quantize_streaming(cli.model_source(args), rec, calib.windows, args.save, dtype=args.dtype,
+                                          mesh=mesh, resume=args.resume, overwrite=args.overwrite,
+                                          layer_report=args.layer_report, progress=not args.no_progress)
+  except KeyboardInterrupt:
+    print(f"the finished layers are kept in {streaming.staging_dir(args.save)}: the same command with --resume "
+          f"continues after them", file=sys.stderr)
+    raise
   report = next(iter(q.reports.values()))
   n, seqlen = calib.windows.shape
   out = {"stream": rep.to_dict(), "calibration": {"nsamples": int(n), "seqlen": int(seqlen), **report.to_dict()},
