@@ -1,12 +1,13 @@
 """Layer-wise calibration shared by the calibration-based methods (GPTQ, SpQR, AWQ, SmoothQuant, ZeroQuant's LKD,
 KVQuant): :func:`walk_layers` visits the decoder layers in order with their calibration inputs,
-:func:`qjax.models.capture.collect_stats` accumulates per-linear input statistics with a scan, :func:`quantize_layerwise` is GPTQ's
-pipeline on top of them.
+:func:`qjax.models.capture.collect_stats` accumulates per-linear input statistics (a fixed pairwise tree over the
+windows), :func:`quantize_layerwise` is GPTQ's pipeline on top of them.
 
 As in the reference (GPTQ's ``llama_sequential``): the inputs of decoder layer 0 are captured for ``n`` windows of
 ``seqlen`` tokens; then, layer by layer, each linear's Hessian ``H = (2 / n) sum_{windows, tokens} x x^T`` is
-accumulated in float32 with a ``lax.scan`` over the windows, the layer's linears are quantized, and the quantized
-layer is run on the same inputs to produce the next layer's inputs. Only the current layer's inputs and outputs
+accumulated in float32 over the windows (the reference sums them in order; qjax sums them in a fixed pairwise
+tree, :func:`qjax.core.mesh.reduce_rows`, more accurate and the same bits on any mesh), the layer's linears are
+quantized, and the quantized layer is run on the same inputs to produce the next layer's inputs. Only the current layer's inputs and outputs
 are held (``2 * n * seqlen * hidden * 4`` bytes), never every layer's activations. With ``true_sequential`` the
 linears are quantized in the family's sub-groups (LLaMA ``[q,k,v] -> [o] -> [gate,up] -> [down]``), the inputs of
 each sub-group being recollected through the already quantized earlier sub-groups.

@@ -2,10 +2,11 @@
 
 :func:`quantize_streaming` reads a float Hugging Face safetensors folder or a GGUF file with its decoder layers
 left on disk (:class:`qjax.io.safetensors.SafetensorsTensor` / :class:`qjax.io.gguf_load.GGUFTensor` leaves,
-memory-mapped and read, or dequantized, one layer at a time by the layer-wise calibration), runs a recipe of one layer-wise calibrated weight method (GPTQ, AWQ, ZeroQuant with
-calibration) and writes each finished layer into the output checkpoint's ``layers/<i>/`` part as soon as it is
-done (:class:`StagedLayers`). Peak host memory is about the embeddings and head, one layer in and out, and the
-calibration activations (:func:`memory_estimate`, checked up front), whatever the depth.
+memory-mapped and read, or dequantized, one layer at a time by the layer-wise calibration), runs a recipe of
+one layer-wise calibrated weight method (GPTQ or AWQ: the methods registered ``streams=True``) and writes each
+finished layer into the output checkpoint's ``layers/<i>/`` part as soon as it is done (:class:`StagedLayers`).
+Peak host memory is about the embeddings and head, one layer in and out, and the calibration activations
+(:func:`memory_estimate`, checked up front), whatever the depth.
 
 The output is built in a staging folder next to it, ``.<name>.stream/``, and renamed into place only when every
 layer and the rest of the checkpoint are written, so a destination path never holds a partial checkpoint. An
@@ -207,8 +208,9 @@ def memory_estimate(model, params, nsamples: int, seqlen: int) -> MemoryEstimate
 def quantize_streaming(source, recipe: Recipe, windows: np.ndarray, dest, *, dtype: str = "float32", mesh=None,
                        resume: bool = False, overwrite: bool = False, memory_budget_gb: float | None = None,
                        layer_report: bool = False, progress: bool = True) -> tuple[Quantized, StreamReport]:
-  """Quantizes the float safetensors folder or GGUF file ``source`` with ``recipe`` (one layer-wise calibrated weight method)
-  on the calibration ``windows [n, seqlen]`` and writes the checkpoint ``dest`` layer by layer (module docstring).
+  """Quantizes the float safetensors folder or GGUF file ``source`` with ``recipe`` (one layer-wise calibrated
+  weight method) on the calibration ``windows [n, seqlen]`` and writes the checkpoint ``dest`` layer by layer
+  (module docstring).
 
   Returns ``(Quantized, StreamReport)``; the Quantized's decoder-layer leaves are :class:`StagedTensor`
   placeholders of what was written (shapes and stored bytes; ``load()`` reads one back), its other leaves arrays.
@@ -255,8 +257,8 @@ def quantize_streaming(source, recipe: Recipe, windows: np.ndarray, dest, *, dty
   shutil.rmtree(stage / "params", ignore_errors=True)         # a run killed while finishing wrote part of it
   source_dir = gguf_load.hf_view(source) if gguf_load.is_gguf(source) else source
   checkpoint.write_folder(stage, tree.unflatten(host), source_dir=source_dir, dtype=model.dtype,
-                          method=method_record(q),
-                          recipe=recipe.to_dict(), layer_paths=layer_paths(model), written=store.written())
+                          method=method_record(q), recipe=recipe.to_dict(), layer_paths=layer_paths(model),
+                          written=store.written())
   (stage / STATE).unlink()
   checkpoint.publish_dir(stage, dest)
   moved = {p: dataclasses.replace(v, folder=str(dest)) if isinstance(v, StagedTensor) else v

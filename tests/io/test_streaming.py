@@ -34,7 +34,7 @@ def _arrays(path):
   params, meta = checkpoint.load_params(path)
   flat = {}
   for p, v in tree.flatten(params).items():
-    leaves = [v] if not hasattr(v, "dequantize") else [getattr(v, k) for k in vars(v) if hasattr(getattr(v, k), "shape")]
+    leaves = [v] if not hasattr(v, "dequantize") else [a for a in vars(v).values() if hasattr(a, "shape")]
     flat.update({f"{p}#{k}": np.asarray(a) for k, a in enumerate(leaves)})
   return flat, meta
 
@@ -48,8 +48,8 @@ def _same(a, b):
   assert ma["qarrays"] == mb["qarrays"] and ma["parts"] == mb["parts"]
 
 
-@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=16, act_order=True), AWQConfig(bits=4, group_size=16)],
-                         ids=["gptq", "awq"])
+@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=16, act_order=True),
+                                    AWQConfig(bits=4, group_size=16)], ids=["gptq", "awq"])
 def test_streaming_writes_what_the_in_memory_pipeline_writes(deep_dir, tmp_path, config):
   model, params = hf.load_model(deep_dir)
   recipe = _recipe(model, config)
@@ -91,7 +91,8 @@ def test_an_interrupted_run_resumes_to_the_identical_checkpoint(deep_dir, tmp_pa
   with pytest.raises(_Killed):
     streaming.quantize_streaming(deep_dir, recipe, WINDOWS, tmp_path / "resumed", progress=False)
   stage = streaming.staging_dir(tmp_path / "resumed")
-  assert not (tmp_path / "resumed").exists() and sorted(json.loads((stage / "stream.json").read_text())["layers"]) == ["0", "1"]
+  assert not (tmp_path / "resumed").exists()
+  assert sorted(json.loads((stage / "stream.json").read_text())["layers"]) == ["0", "1"]
   with pytest.raises(InputError, match="--resume"):
     streaming.quantize_streaming(deep_dir, recipe, WINDOWS, tmp_path / "resumed", progress=False)
   with pytest.raises(InputError, match="different recipe"):
@@ -101,7 +102,7 @@ def test_an_interrupted_run_resumes_to_the_identical_checkpoint(deep_dir, tmp_pa
   seen = []
   monkeypatch.setattr(streaming.StagedLayers, "write", lambda self, i, *a: (seen.append(i), write(self, i, *a))[1])
   q, rep = streaming.quantize_streaming(deep_dir, recipe, WINDOWS, tmp_path / "resumed", resume=True, progress=False)
-  assert seen == [2, 3] and rep.resumed_layers == 2                                    # layers 0 and 1 were not quantized again
+  assert seen == [2, 3] and rep.resumed_layers == 2        # layers 0 and 1 were not quantized again
   assert [r.layer for r in q.reports["gptq"].layers] == [0, 1, 2, 3]
   _same(tmp_path / "whole", tmp_path / "resumed")
   assert not stage.exists()
