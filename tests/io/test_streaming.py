@@ -13,7 +13,7 @@ from qjax.core import tree
 from qjax.core.deferred import is_deferred
 from qjax.core.errors import InputError
 from qjax.io import checkpoint, hf, quantized, streaming
-from qjax.methods import AWQConfig, GPTQConfig, RTNConfig
+from qjax.methods import AWQConfig, GPTQConfig, RTNConfig, ZeroQuantConfig
 from qjax.methods.activations.smoothquant import SmoothQuantConfig
 
 WINDOWS = np.random.default_rng(0).integers(0, 128, (8, 32)).astype(np.int32)
@@ -49,7 +49,9 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=16, act_order=True),
-                                    AWQConfig(bits=4, group_size=16)], ids=["gptq", "awq"])
+                                    AWQConfig(bits=4, group_size=16),
+                                    ZeroQuantConfig(bits_mlp=4, group_size=16, lkd=True, lkd_steps=3)],
+                         ids=["gptq", "awq", "zeroquant-lkd"])
 def test_streaming_writes_what_the_in_memory_pipeline_writes(deep_dir, tmp_path, config):
   model, params = hf.load_model(deep_dir)
   recipe = _recipe(model, config)

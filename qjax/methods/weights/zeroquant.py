@@ -167,7 +167,7 @@ def _quantize_layer(layer_params, bits: tuple[tuple[str, int], ...], config: Zer
   return tree.replace(layer_params, new, lambda p, _: new[p])
 
 
-@register_method(ZeroQuantConfig, name="zeroquant", needs_calibration=lambda c: c.lkd, mixed=False)
+@register_method(ZeroQuantConfig, name="zeroquant", needs_calibration=lambda c: c.lkd, mixed=False, streams=True)
 def quantize(params, rules, *, model: CausalLM | None = None, calibration=None, progress: bool = True):
   """Model-level ZeroQuant, the registered handler: ``(params, report)`` with the decoder linears of ``rules``
   (a config on its targets, or ``{path: config}`` with one config) as QArrays, W4/8 by module. With
