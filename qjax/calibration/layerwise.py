@@ -7,8 +7,8 @@ As in the reference (GPTQ's ``llama_sequential``): the inputs of decoder layer 0
 ``seqlen`` tokens; then, layer by layer, each linear's Hessian ``H = (2 / n) sum_{windows, tokens} x x^T`` is
 accumulated in float32 over the windows (the reference sums them in order; qjax sums them in a fixed pairwise
 tree, :func:`qjax.core.mesh.reduce_rows`, more accurate and the same bits on any mesh), the layer's linears are
-quantized, and the quantized layer is run on the same inputs to produce the next layer's inputs. Only the current layer's inputs and outputs
-are held (``2 * n * seqlen * hidden * 4`` bytes), never every layer's activations. With ``true_sequential`` the
+quantized, and the quantized layer is run on the same inputs to produce the next layer's inputs. Only the current
+layer's inputs and outputs are held (``2 * n * seqlen * hidden * 4`` bytes), never every layer's activations. With ``true_sequential`` the
 linears are quantized in the family's sub-groups (LLaMA ``[q,k,v] -> [o] -> [gate,up] -> [down]``), the inputs of
 each sub-group being recollected through the already quantized earlier sub-groups.
 """
@@ -72,16 +72,17 @@ class Calibration:
     """The same windows for another view of the model (other hooks or dtype)."""
     return dataclasses.replace(self, model=model)
 
-  def walk(self, params, process: "LayerFn", *, propagate: str = "new", progress: bool = True,
-           desc: str = "calibrate"):
+  def walk(self, params, process: "LayerFn", *, propagate: str = "new", finish: "FinishFn | None" = None,
+           progress: bool = True, desc: str = "calibrate"):
     """:func:`walk_layers` over these windows."""
-    return walk_layers(params, self, process, propagate=propagate, progress=progress, desc=desc)
+    return walk_layers(params, self, process, propagate=propagate, finish=finish, progress=progress, desc=desc)
 
   def quantize_layerwise(self, params, quantize_linear: "QuantizeLinear", *, targets: tuple[str, ...],
-                         true_sequential: bool = False, progress: bool = True, desc: str = "calibrate"):
+                         true_sequential: bool = False, finish: "FinishFn | None" = None, progress: bool = True,
+                         desc: str = "calibrate"):
     """:func:`quantize_layerwise` over these windows."""
     return quantize_layerwise(params, self, quantize_linear, targets=targets, true_sequential=true_sequential,
-                              progress=progress, desc=desc)
+                              finish=finish, progress=progress, desc=desc)
 
   def train(self, loss_fn, params, config, *, frozen=None, activation_bytes: int = 0, progress: bool = True,
             desc: str = "train"):
@@ -91,10 +92,11 @@ class Calibration:
 
 
 LayerFn = Callable[[int, str, dict, jax.Array], tuple[dict, dict[str, float]]]
+FinishFn = Callable[[str, dict], dict]
 
 
 def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate: str = "new",
-                progress: bool = True, desc: str = "calibrate"):
+                finish: FinishFn | None = None, progress: bool = True, desc: str = "calibrate"):
   """Runs ``process`` on every decoder layer in order, feeding each layer the calibration activations.
 
   ``process(i, prefix, layer_params, x [n, T, hidden]) -> (new_layer_params, losses)`` sees the layer's
@@ -103,7 +105,9 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
   float layer (``"fp"``, the teacher's hidden states, as LKD uses). Returns ``(params, CalibrationReport)``.
   With ``calibration.layer_report`` the report has each layer's relative output error ``||new(x) - fp(x)||^2 /
   ||fp(x)||^2``, which costs running both layers; without it (the default) only the layer that ``propagate``
-  names runs and the error is None. The input tree is not modified.
+  names runs and the error is None. ``finish(prefix, layer) -> layer``: what is kept (or stored) of a layer once
+  its outputs are computed, when that differs from what runs (SpQR runs dense reconstructions and keeps its
+  SpQRArrays). The input tree is not modified.
 
   Streaming (``calibration.store``, :mod:`qjax.io.streaming`): ``params`` may hold :class:`qjax.core.deferred.Deferred`
   leaves; each layer's are read when the walk reaches it, the finished layer goes to the store and only its
@@ -145,6 +149,8 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
       else:
         rel, x = None, capture.run_layer(model, layer if propagate == "new" else fp_layer, x)
       report = LayerReport(i, time.perf_counter() - t0, rel, losses)
+      if finish is not None:
+        layer = finish(prefix, layer)
       if store is not None:
         layer = store.write(i, layer, report)
     del fp_layer
@@ -160,8 +166,8 @@ QuantizeLinear = Callable[[str, jax.Array, jax.Array], tuple[object, float]]
 
 
 def quantize_layerwise(params, calibration: Calibration, quantize_linear: QuantizeLinear, *,
-                       targets: tuple[str, ...], true_sequential: bool = False, progress: bool = True,
-                       desc: str = "calibrate"):
+                       targets: tuple[str, ...], true_sequential: bool = False, finish: FinishFn | None = None,
+                       progress: bool = True, desc: str = "calibrate"):
   """Quantizes the decoder linears matching ``targets`` layer by layer (:func:`walk_layers`).
 
   ``quantize_linear(path, w [out, in], H [in, in]) -> (QArray, loss)`` is the method's per-matrix core.
@@ -185,7 +191,7 @@ def quantize_layerwise(params, calibration: Calibration, quantize_linear: Quanti
       layer = tree.replace(layer, new, lambda p, _: new[p])
     return layer, losses
 
-  return walk_layers(params, calibration, process, progress=progress, desc=desc)
+  return walk_layers(params, calibration, process, finish=finish, progress=progress, desc=desc)
 
 
 def split_rows(model: CausalLM, w):

@@ -69,7 +69,7 @@ def build_parser() -> cli.Parser:
   p.add_argument("--stream", action="store_true",
                  help="quantize a float safetensors folder or GGUF file layer by layer straight into --save "
                       "(layers read one at a time, each written when done: host memory ~ embeddings + one layer + "
-                      "activations; gptq, awq or zeroquant; no evaluation: evaluate the output with --load)")
+                      "activations; gptq, spqr, awq or zeroquant; no evaluation: evaluate the output with --load)")
   p.add_argument("--resume", action="store_true",
                  help="with --stream: continue the interrupted run to the same --save (same model, recipe and "
                       "calibration) after its last finished layer")

@@ -134,7 +134,11 @@ def write_part(folder: Path, flat: dict) -> dict:
       cls = type(leaf)
       qmeta[path] = {"type": cls.__name__, "module": cls.__module__,
                      **{k: getattr(leaf, k) for k in static_fields(cls)}}
-      arrays.update({f"{path}/{k}": getattr(leaf, k) for k in data_fields(cls) if getattr(leaf, k) is not None})
+      fields = {k: getattr(leaf, k) for k in data_fields(cls) if getattr(leaf, k) is not None}
+      empty = {k: {"shape": list(v.shape), "dtype": str(np.dtype(v.dtype))} for k, v in fields.items() if v.size == 0}
+      if empty:               # e.g. a SpQR matrix without outliers: orbax stores no zero-size array
+        qmeta[path]["empty"] = empty
+      arrays.update({f"{path}/{k}": v for k, v in fields.items() if k not in empty})
     else:
       arrays[path] = leaf
   ckpt = _checkpointer()
@@ -288,6 +292,10 @@ def rebuild(path: Path, flat: dict, qarrays: dict) -> dict:
   for qpath, static in qarrays.items():
     static = dict(static)
     cls = _quantized_type(path, qpath, static)
+    try:
+      flat.update({f"{qpath}/{k}": np.zeros(e["shape"], e["dtype"]) for k, e in static.pop("empty", {}).items()})
+    except (TypeError, KeyError, ValueError) as e:
+      raise InputError(f"checkpoint {path}: {qpath} has a malformed 'empty' entry ({e})") from None
     required = [f.name for f in dataclasses.fields(cls) if f.name in data_fields(cls) and "None" not in str(f.type)]
     missing = [f"{qpath}/{k}" for k in required if f"{qpath}/{k}" not in flat]
     if missing:

@@ -13,7 +13,7 @@ from qjax.core import tree
 from qjax.core.deferred import is_deferred
 from qjax.core.errors import InputError
 from qjax.io import checkpoint, hf, quantized, streaming
-from qjax.methods import AWQConfig, GPTQConfig, RTNConfig, ZeroQuantConfig
+from qjax.methods import AWQConfig, GPTQConfig, RTNConfig, SpQRConfig, ZeroQuantConfig
 from qjax.methods.activations.smoothquant import SmoothQuantConfig
 
 WINDOWS = np.random.default_rng(0).integers(0, 128, (8, 32)).astype(np.int32)
@@ -50,8 +50,9 @@ def _same(a, b):
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=16, act_order=True),
                                     AWQConfig(bits=4, group_size=16),
-                                    ZeroQuantConfig(bits_mlp=4, group_size=16, lkd=True, lkd_steps=3)],
-                         ids=["gptq", "awq", "zeroquant-lkd"])
+                                    ZeroQuantConfig(bits_mlp=4, group_size=16, lkd=True, lkd_steps=3),
+                                    SpQRConfig(bits=3, group_size=16, qq_groupsize=16)],
+                         ids=["gptq", "awq", "zeroquant-lkd", "spqr"])
 def test_streaming_writes_what_the_in_memory_pipeline_writes(deep_dir, tmp_path, config):
   model, params = hf.load_model(deep_dir)
   recipe = _recipe(model, config)
@@ -78,9 +79,13 @@ class _Killed(Exception):
   pass
 
 
-def test_an_interrupted_run_resumes_to_the_identical_checkpoint(deep_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [GPTQConfig(bits=3, group_size=16, act_order=True),
+                                    SpQRConfig(bits=3, group_size=16, qq_groupsize=16)], ids=["gptq", "spqr"])
+def test_an_interrupted_run_resumes_to_the_identical_checkpoint(deep_dir, tmp_path, monkeypatch, config):
+  """(SpQR: the resumed run propagates through the stored SpQRArrays, the original through their dense
+  reconstructions; the two must agree bit for bit.)"""
   model, _ = hf.load_model(deep_dir)
-  recipe = _recipe(model, GPTQConfig(bits=3, group_size=16, act_order=True))
+  recipe = _recipe(model, config)
   streaming.quantize_streaming(deep_dir, recipe, WINDOWS, tmp_path / "whole", progress=False)
   write = streaming.StagedLayers.write
 
@@ -105,7 +110,7 @@ def test_an_interrupted_run_resumes_to_the_identical_checkpoint(deep_dir, tmp_pa
   monkeypatch.setattr(streaming.StagedLayers, "write", lambda self, i, *a: (seen.append(i), write(self, i, *a))[1])
   q, rep = streaming.quantize_streaming(deep_dir, recipe, WINDOWS, tmp_path / "resumed", resume=True, progress=False)
   assert seen == [2, 3] and rep.resumed_layers == 2        # layers 0 and 1 were not quantized again
-  assert [r.layer for r in q.reports["gptq"].layers] == [0, 1, 2, 3]
+  assert [r.layer for r in next(iter(q.reports.values())).layers] == [0, 1, 2, 3]
   _same(tmp_path / "whole", tmp_path / "resumed")
   assert not stage.exists()
 

@@ -331,7 +331,7 @@ class SpQRConfig:
                    outlier_threshold=self.outlier_threshold, percdamp=self.percdamp, block_size=self.block_size)
 
 
-@register_method(SpQRConfig, name="spqr", needs_calibration=True)
+@register_method(SpQRConfig, name="spqr", needs_calibration=True, streams=True)
 def quantize(params, rules, *, model=None, calibration=None, progress: bool = True):
   """Model-level SpQR, the registered handler: ``(params, CalibrationReport)`` with every decoder linear of
   ``rules`` (a config on its targets, or ``{path: config}``) as an :class:`SpQRArray`; per-linear loss = the sum
@@ -339,7 +339,8 @@ def quantize(params, rules, *, model=None, calibration=None, progress: bool = Tr
 
   The outlier count, hence the shape of an :class:`SpQRArray`, is data dependent, so layers holding them would
   recompile the calibration's layer functions for every layer and sub-group. The calibration therefore runs on the
-  dense reconstructions (bit-identical to the arrays' ``dequantize()``) and the SpQRArrays replace them at the end.
+  dense reconstructions (bit-identical to the arrays' ``dequantize()``) and the SpQRArrays replace them as each
+  layer is finished (the walk's ``finish``; so SpQR can stream, one layer at a time).
   """
   if calibration is None:
     raise InputError("SpQR needs calibration data")
@@ -357,10 +358,15 @@ def quantize(params, rules, *, model=None, calibration=None, progress: bool = Tr
     return jnp.asarray(r.reconstruction, w.dtype), float(r.losses.sum())
 
   bits = "/".join(sorted({f"W{c.bits}" for c in assignment.values()}))
-  dense, report = calibration.quantize_layerwise(params, one, targets=exact_paths(assignment),
-                                                     true_sequential=bool(shared(assignment, "true_sequential")),
-                                                     progress=progress, desc=f"SpQR {bits}")
-  return tree.replace(dense, arrays, lambda p, _: arrays[p]), report
+  def finish(prefix, layer):     # the layer's SpQRArrays replace the reconstructions the walk ran on
+    mine = {p[len(prefix) + 1:]: a for p, a in arrays.items() if p.startswith(prefix + "/")}
+    for p in mine:
+      del arrays[f"{prefix}/{p}"]
+    return tree.replace(layer, mine, lambda p, _: mine[p])
+
+  return calibration.quantize_layerwise(params, one, targets=exact_paths(assignment),
+                                        true_sequential=bool(shared(assignment, "true_sequential")),
+                                        finish=finish, progress=progress, desc=f"SpQR {bits}")
 
 
 @dataclasses.dataclass(frozen=True)
