@@ -47,6 +47,9 @@ class LayerStore(Protocol):
   def stored(self, i: int) -> tuple[dict, "LayerReport"]:
     """``(placeholder tree, report)`` of a stored layer."""
 
+  def load(self, i: int) -> dict:
+    """A stored layer read back whole (one read of its part)."""
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Calibration:
@@ -134,7 +137,7 @@ def walk_layers(params, calibration: Calibration, process: LayerFn, *, propagate
     fp_layer = tree.subtree(flat, prefix)       # with Deferred leaves in a streaming run: read below, when needed
     if i < done:                                # resumed: the stored layer's outputs, nothing recomputed
       placeholders, report = store.stored(i)
-      layer = deferred.materialize(placeholders if propagate == "new" else fp_layer)
+      layer = store.load(i) if propagate == "new" else deferred.materialize(fp_layer)
       x = capture.run_layer(model, layer, x)
       layer = placeholders
     else:
