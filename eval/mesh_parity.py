@@ -122,13 +122,10 @@ def main(argv=None):
                    "quantize_seconds": seconds, "compile_seconds": q.compile_seconds}
       log(name, method, res[name])
     out["methods"][method] = res
-  text = json.dumps(out, indent=1)
-  print(text)
+  print(json.dumps(out, indent=1))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(args.json + ".tmp", args.json)
+    from qjax.cli.common import write_json
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -137,13 +137,10 @@ def main(argv=None):
     out["kill_resume"] = {"layers": n, "killed_after": finished, "killed": killed, "resume_seconds": seconds,
                           **same_checkpoint(tmp / f"q{n}", dest)}
     log("kill/resume", out["kill_resume"])
-  text = json.dumps(out, indent=1)
-  print(text)
+  print(json.dumps(out, indent=1))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(args.json + ".tmp", args.json)
+    from qjax.cli.common import write_json
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

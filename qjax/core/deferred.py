@@ -34,16 +34,26 @@ class Deferred:
   def load(self):
     raise NotImplementedError
 
+  @classmethod
+  def load_all(cls, leaves: list) -> list:
+    """``[leaf.load() for leaf in leaves]`` (all of this class); readers that open a file at a cost override it
+    to open each file once for the lot (a GGUF header takes seconds to parse)."""
+    return [leaf.load() for leaf in leaves]
+
 
 def is_deferred(x) -> bool:
   return isinstance(x, Deferred)
 
 
 def materialize(params):
-  """``params`` with every :class:`Deferred` leaf read (other leaves, quantized tensors whole, unchanged)."""
-  return jax.tree.map(lambda v: v.load() if is_deferred(v) else v, params,
-                      is_leaf=lambda v: is_deferred(v) or is_quantized(v))
-
-
-def any_deferred(params) -> bool:
-  return any(is_deferred(v) for v in jax.tree.leaves(params, is_leaf=is_deferred))
+  """``params`` with every :class:`Deferred` leaf read (other leaves, quantized tensors whole, unchanged); the
+  leaves of one reader class are read together (:meth:`Deferred.load_all`)."""
+  leaves, treedef = jax.tree.flatten(params, is_leaf=lambda v: is_deferred(v) or is_quantized(v))
+  by_class: dict[type, list[int]] = {}
+  for i, v in enumerate(leaves):
+    if is_deferred(v):
+      by_class.setdefault(type(v), []).append(i)
+  for cls, ids in by_class.items():
+    for i, v in zip(ids, cls.load_all([leaves[i] for i in ids])):
+      leaves[i] = v
+  return jax.tree.unflatten(treedef, leaves)

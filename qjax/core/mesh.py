@@ -105,10 +105,6 @@ class ProcessConfig:
                                process_id=self.process_id)
 
 
-def axis_size(mesh: Mesh | None, name: str) -> int:
-  return 1 if mesh is None else mesh.shape[name]
-
-
 def fit_spec(mesh: Mesh, shape, wanted) -> P:
   """``PartitionSpec`` ``wanted`` (one mesh axis name, a tuple of names or None per array axis) with every axis
   whose length its mesh axes do not divide left unsplit (XLA would pad it; a placement refuses it)."""

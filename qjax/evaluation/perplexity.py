@@ -141,7 +141,7 @@ def perplexity(model, params, tokens: np.ndarray, seqlen: int, nsamples: int | N
   w = windows(tokens, seqlen, nsamples)
   bs = batch_size or default_batch_size(seqlen, model.config.vocab_size)
   bs = min(bs, len(w))
-  d = meshlib.axis_size(model.mesh, "data")
+  d = meshlib.device_count(model.mesh, ("data",))
   bs = -(-bs // d) * d                        # whole windows per data-parallel device (padding is scored, dropped)
   nb = -(-len(w) // bs)
   padded = np.concatenate([w, np.repeat(w[:1], nb * bs - len(w), axis=0)]).reshape(nb, bs, seqlen)

@@ -168,8 +168,13 @@ class GGUFTensor(Deferred):
   dtype: str = "float32"
 
   def load(self):
-    t = next(t for t in open_reader(self.file).tensors if t.name == self.name)
-    return self.read(t)
+    return self.load_all([self])[0]
+
+  @classmethod
+  def load_all(cls, leaves: list) -> list:
+    """Each file's header parsed once for all its ``leaves`` (one decoder layer's tensors)."""
+    readers = {f: {t.name: t for t in open_reader(f).tensors} for f in dict.fromkeys(v.file for v in leaves)}
+    return [v.read(readers[v.file][v.name]) for v in leaves]
 
   def read(self, t):
     """The dequantized array of ``t`` (this tensor's entry of an open reader)."""

@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qjax.api.pipeline import Quantized, method_record, quantize_model
@@ -41,6 +42,7 @@ from qjax.core.formats.base import is_quantized
 from qjax.io import checkpoint, gguf_load, hf
 from qjax.io.quantized import layer_paths
 from qjax.methods import registry
+from qjax.models.config import DTYPES
 from qjax.models.sharding import shard_params
 
 STATE = "stream.json"
@@ -94,7 +96,11 @@ class StagedLayers:
   def __init__(self, folder: Path, fingerprint: dict):
     self.folder = folder
     state = folder / STATE
-    self.state = json.loads(state.read_text()) if state.is_file() else {"fingerprint": fingerprint, "layers": {}}
+    if state.is_file():
+      self.state = json.loads(state.read_text())
+    else:
+      self.state = {"fingerprint": fingerprint, "layers": {}}
+      self._save_state()
 
   def finished(self) -> int:
     i = 0
@@ -143,9 +149,8 @@ class StagedLayers:
 
 def release_freed_memory():
   """Hands the heap pages freed by the finished layer back to the OS (glibc ``malloc_trim``; elsewhere nothing).
-  Without it the allocator's free lists, fragmented by XLA's and orbax's threads, let the peak resident set creep
-  up layer after layer (measured in one process on 12 layers of width 1024: the peak rose from 0.74 to 0.99 GB
-  over the run without it and stayed at 0.77 GB with it)."""
+  Without it the allocator's free lists, fragmented by XLA's and orbax's threads, can keep a layer's freed pages
+  resident, and the peak then creeps up with depth instead of staying one layer's worth."""
   gc.collect()
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -165,7 +170,7 @@ def fingerprint(source: Path, recipe: Recipe, windows: np.ndarray, dtype: str) -
                                                     if p.is_file() and p.suffix in (".safetensors", ".json"))
   return {"source": str(source.resolve()),
           "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-          "recipe": json.loads(json.dumps(recipe.to_dict())), "dtype": dtype,
+          "recipe": json.loads(json.dumps(recipe.to_dict())), "dtype": dtype,   # as stream.json reads it back
           "windows": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest()
                      + f":{windows.shape[0]}x{windows.shape[1]}"}
 
@@ -196,7 +201,7 @@ class StreamReport:
 def memory_estimate(model, params, nsamples: int, seqlen: int) -> MemoryEstimate:
   """Host memory a streaming run needs at its peak (see :class:`MemoryEstimate`)."""
   flat = tree.flatten(params)
-  itemsize = np.dtype(np.float32 if model.dtype == "float32" else np.float16).itemsize
+  itemsize = jnp.dtype(DTYPES[model.dtype]).itemsize
   resident = sum(int(v.nbytes) for v in flat.values() if not is_deferred(v))
   per_layer = [sum(v.size * itemsize for p, v in flat.items() if p.startswith(prefix + "/"))
                for prefix in layer_paths(model)]
@@ -248,8 +253,6 @@ def quantize_streaming(source, recipe: Recipe, windows: np.ndarray, dest, *, dty
     raise InputError(f"nothing to resume: {stage} does not exist (run without --resume)")
   stage.mkdir(parents=True, exist_ok=True)
   store = StagedLayers(stage, fp)
-  if not (stage / STATE).is_file():
-    store._save_state()
   resumed = store.finished()
   calibration = Calibration(model, windows, layer_report=layer_report, store=store)
   q = quantize_model(model, params, recipe, calibration=calibration, progress=progress)

@@ -71,7 +71,8 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
   Statistics of each linear's input ``x`` over all windows and tokens, reduced window by window in a fixed
   pairwise tree (:func:`qjax.core.mesh.reduce_rows`: no activation is stored, and a mesh gives the same bits):
   ``hessian`` ``H = (2 / n) sum x x^T [in, in]`` (GPTQ), ``absmax`` ``max |x| [in]`` (SmoothQuant), ``absmean``
-  ``mean |x| [in]`` (AWQ); ``max`` / ``min`` scalars and ``moments`` ``[sum x, sum x^2, sum x^3, sum x^4]`` over every element (the analysis tools).
+  ``mean |x| [in]`` (AWQ); ``max`` / ``min`` scalars and ``moments`` ``[sum x, sum x^2, sum x^3, sum x^4]`` over
+  every element (the analysis tools).
 
   Linears that read the same input (LLaMA's q/k/v and gate/up, OPT's q/k/v) share one accumulator: the
   statistics are computed once per distinct input and the same arrays returned for each such linear.

@@ -132,7 +132,7 @@ def test_streaming_refuses_what_it_cannot_do_before_writing(deep_dir, tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_a_gguf_source_streams_layer_by_layer(stories_dir, tmp_path):
+def test_a_gguf_source_streams_layer_by_layer(stories_dir, tmp_path, monkeypatch):
   """stories260K written as a float GGUF (every tensor F32), streamed: the same arrays as
   the in-memory run on the GGUF's own dequantized weights, the layers left in the file until reached."""
   from qjax.io import gguf_export, gguf_load
@@ -147,5 +147,9 @@ def test_a_gguf_source_streams_layer_by_layer(stories_dir, tmp_path):
   gm, gparams = hf.load_model(src)
   q = qjax.quantize_model(gm, gparams, recipe, calibration=qjax.Calibration(gm, windows))
   quantized.save(q, tmp_path / "memory", source_dir=src)
+  opened = []
+  open_reader = gguf_load.open_reader
+  monkeypatch.setattr(gguf_load, "open_reader", lambda path: (opened.append(path), open_reader(path))[1])
   streaming.quantize_streaming(src, recipe, windows, tmp_path / "stream", progress=False)
   _same(tmp_path / "memory", tmp_path / "stream")
+  assert len(opened) <= gm.config.num_layers + 3       # the header parsed once per layer, not once per tensor
