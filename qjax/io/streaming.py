@@ -3,8 +3,9 @@
 :func:`quantize_streaming` reads a float Hugging Face safetensors folder or a GGUF file with its decoder layers
 left on disk (:class:`qjax.io.safetensors.SafetensorsTensor` / :class:`qjax.io.gguf_load.GGUFTensor` leaves,
 memory-mapped and read, or dequantized, one layer at a time by the layer-wise calibration), runs a recipe of
-one layer-wise calibrated weight method (GPTQ, SpQR, AWQ or ZeroQuant: the methods registered ``streams=True``) and writes each
-finished layer into the output checkpoint's ``layers/<i>/`` part as soon as it is done (:class:`StagedLayers`).
+one layer-wise calibrated weight method (GPTQ, SpQR, AWQ or ZeroQuant: the methods registered ``streams=True``)
+and writes each finished layer into the output checkpoint's ``layers/<i>/`` part as soon as it is done
+(:class:`StagedLayers`).
 Peak host memory is about the embeddings and head, one layer in and out, and the calibration activations
 (:func:`memory_estimate`, checked up front), whatever the depth.
 
