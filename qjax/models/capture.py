@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qjax.core import linalg
 from qjax.core import mesh as meshlib
 from qjax.core import tree
 from qjax.models import CausalLM, layers
@@ -77,7 +78,7 @@ def collect_stats(model, layer_params, x, names: tuple[str, ...], kinds: tuple[s
   Linears that read the same input (LLaMA's q/k/v and gate/up, OPT's q/k/v) share one accumulator: the
   statistics are computed once per distinct input and the same arrays returned for each such linear.
   """
-  contribution = {"hessian": lambda a: a.T @ a, "absmax": lambda a: jnp.max(jnp.abs(a), axis=0),
+  contribution = {"hessian": linalg.gram, "absmax": lambda a: jnp.max(jnp.abs(a), axis=0),
                   "absmean": lambda a: jnp.sum(jnp.abs(a), axis=0), "max": jnp.max, "min": jnp.min,
                   "moments": lambda a: jnp.stack([jnp.sum(a**k) for k in (1, 2, 3, 4)])}
   combine = {"absmax": jnp.maximum, "max": jnp.maximum, "min": jnp.minimum}

@@ -173,10 +173,10 @@ def mixed_attention(q, k, v, k_hat, v_hat, exact, mask, scale: float):
   Scores and softmax in float32; returns ``[b, t, h, d]`` in ``q.dtype``."""
   def attend(q, exact, mask, k, v, k_hat, v_hat):
     e = exact[:, None, None]
-    s = jnp.where(e, kv_attention.gqa_scores(q, k, scale), kv_attention.gqa_scores(q, k_hat, scale))
+    s = jnp.where(e, kv_attention.heads_scores(q, k, scale), kv_attention.heads_scores(q, k_hat, scale))
     p = kv_attention.masked_softmax(s, mask, v.dtype)
-    return (kv_attention.gqa_output(jnp.where(e, p, 0), v)
-            + kv_attention.gqa_output(jnp.where(e, 0, p), v_hat.astype(v.dtype)))
+    return (kv_attention.heads_output(jnp.where(e, p, 0), v)
+            + kv_attention.heads_output(jnp.where(e, 0, p), v_hat.astype(v.dtype)))
 
   return kv_attention.causal_blocks(attend, q, (exact, mask), (k, v, k_hat, v_hat))
 

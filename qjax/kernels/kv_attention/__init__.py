@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from qjax.kernels.dispatch import Op
 from qjax.kernels.kv_attention import xla
-from qjax.kernels.kv_attention.xla import attention, causal_blocks, gqa_output, gqa_scores, masked_softmax
+from qjax.kernels.kv_attention.xla import (attention, causal_blocks, heads_output, heads_scores, kv_heads,
+                                           masked_softmax, merge_heads, split_heads)
 
-__all__ = ["ATTENTION_QUANTIZERS", "OP", "attention", "causal_blocks", "gqa_output", "gqa_scores", "kv_attention", "masked_softmax",
-           "path_name"]
+__all__ = ["ATTENTION_QUANTIZERS", "OP", "attention", "causal_blocks", "heads_output", "heads_scores", "kv_attention",
+           "kv_heads", "masked_softmax", "merge_heads", "path_name", "split_heads"]
 
 OP = Op("kv_attention", dispatch_arg=0)
 ATTENTION_QUANTIZERS = ("attn_q", "attn_k", "attn_probs", "attn_v")   # hooks the kernels do not take (XLA runs them)
